@@ -1,0 +1,29 @@
+"""The Alembic chains create exactly the schema the models declare."""
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from vault import db
+from vault.keystore_models import KeystoreBase
+from vault.models import Base
+
+
+@pytest.mark.parametrize("schema, metadata", [("data", Base.metadata),
+                                              ("keystore", KeystoreBase.metadata)])
+def test_migrated_schema_equals_models(vault, schema, metadata):
+    engine = vault.engine if schema == "data" else vault.keystore_engine
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True,
+                                                     "compare_server_default": True})
+        diff = compare_metadata(ctx, metadata)
+    assert diff == []
+    assert db.current_revision(engine) == db.head_revision(schema)
+
+
+def test_open_upgrades_idempotently(vault, settings):
+    from vault.vault import Vault
+
+    vault.dispose()
+    with Vault.open(settings) as again:  # runs `upgrade head` on an up-to-date DB
+        assert again.vault_id == vault.vault_id

@@ -1,0 +1,143 @@
+"""Owners and identities: session-level services (they never commit).
+
+Handles resolve only inside their owner; a missing owner and a missing
+identity give the same NotFound so a caller cannot probe other owners' rosters.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from vault import audit, consent
+from vault.consent import ConsentRequest
+from vault.errors import AlreadyExists, InvalidInput, NotFound
+from vault.handles import Handle, validate_name
+from vault.models import ERASE_POLICIES, OWNER_KINDS, Artifact, Identity, NotSamePair, Owner
+
+
+def add_owner(session: Session, name: str, kind: str, *, erase_policy: str = "immediate",
+              actor: str) -> Owner:
+    validate_name(name)
+    if kind not in OWNER_KINDS:
+        raise InvalidInput(f"owner kind must be one of {', '.join(OWNER_KINDS)}, not {kind!r}")
+    if erase_policy not in ERASE_POLICIES:
+        raise InvalidInput(f"erase policy must be one of {', '.join(ERASE_POLICIES)}")
+    if session.scalar(select(Owner.id).where(Owner.name == name)) is not None:
+        raise AlreadyExists(f"owner {name!r} already exists")
+    owner = Owner(name=name, kind=kind, erase_policy=erase_policy)
+    session.add(owner)
+    session.flush()
+    audit.append(session, "owner.create", actor=actor, owner=name, subject=name,
+                 details={"kind": kind, "erase_policy": erase_policy})
+    return owner
+
+
+def get_owner(session: Session, name: str) -> Owner:
+    owner = session.scalar(select(Owner).where(Owner.name == name))
+    if owner is None:
+        raise NotFound(f"no owner {name!r}")
+    return owner
+
+
+def list_owners(session: Session) -> list[Owner]:
+    return list(session.scalars(select(Owner).order_by(Owner.name)))
+
+
+def get_identity(session: Session, handle: Handle | str, *, lock: bool = False) -> Identity:
+    h = handle if isinstance(handle, Handle) else Handle.parse(handle)
+    q = (select(Identity).join(Owner).where(Owner.name == h.owner, Identity.name == h.name)
+         .options(selectinload(Identity.consents), selectinload(Identity.owner)))
+    if lock:
+        q = q.with_for_update()
+    identity = session.scalar(q)
+    if identity is None:
+        raise NotFound(f"no identity {h}")
+    return identity
+
+
+def create_identity(session: Session, handle: Handle | str, request: ConsentRequest, *,
+                    actor: str) -> Identity:
+    """A new identity with its consent record, in the caller's transaction."""
+    h = handle if isinstance(handle, Handle) else Handle.parse(handle)
+    owner = get_owner(session, h.owner)
+    exists = session.scalar(select(Identity.id).where(Identity.owner_id == owner.id,
+                                                      Identity.name == h.name))
+    if exists is not None:
+        raise AlreadyExists(f"identity {h} already exists")
+    identity = Identity(owner=owner, name=h.name)
+    record = request.to_model()
+    identity.consents.append(record)
+    session.add(identity)
+    session.flush()  # the unique (owner, name) constraint decides concurrent creations
+    audit.append(session, "identity.create", actor=actor, owner=owner.name, subject=str(h),
+                 details={"identity": identity.uid, "consent": record.uid,
+                          "given_by": record.given_by, "purposes": list(record.purposes),
+                          "retain_until": record.retain_until.isoformat()})
+    return identity
+
+
+def list_identities(session: Session, owner: str | None = None, *, limit: int = 1000,
+                    offset: int = 0) -> list[Identity]:
+    q = (select(Identity).join(Owner).order_by(Owner.name, Identity.name)
+         .options(selectinload(Identity.consents), selectinload(Identity.owner),
+                  selectinload(Identity.artifacts))
+         .limit(limit).offset(offset))
+    if owner is not None:
+        get_owner(session, owner)
+        q = q.where(Owner.name == owner)
+    return list(session.scalars(q))
+
+
+def count_identities(session: Session, owner: str | None = None) -> int:
+    q = select(func.count()).select_from(Identity).join(Owner)
+    if owner is not None:
+        q = q.where(Owner.name == owner)
+    return session.scalar(q) or 0
+
+
+def describe_identity(identity: Identity, *, today: dt.date | None = None) -> dict:
+    return {
+        "handle": identity.handle,
+        "id": identity.uid,
+        "owner": identity.owner.name,
+        "owner_kind": identity.owner.kind,
+        "status": identity.status,
+        "created_at": identity.created_at.isoformat(),
+        "consent": consent.describe(identity.consent),
+        "artifacts": [describe_artifact(a) for a in sorted(identity.artifacts,
+                                                           key=lambda a: (a.kind, a.model_id))],
+    }
+
+
+def describe_artifact(a: Artifact) -> dict:
+    return {"id": a.id, "kind": a.kind, "schema_version": a.schema_version,
+            "model_id": a.model_id, "size": a.size, "sha256": a.sha256, "shapes": a.shapes,
+            "created_at": a.created_at.isoformat()}
+
+
+def record_not_same(session: Session, a: Handle | str, b: Handle | str, *,
+                    actor: str) -> NotSamePair:
+    ia, ib = get_identity(session, a), get_identity(session, b)
+    if ia.owner_id != ib.owner_id:
+        raise InvalidInput("not-same pairs are recorded within one owner")
+    if ia.id == ib.id:
+        raise InvalidInput("an identity cannot be recorded as not the same as itself")
+    lo, hi = sorted((ia.id, ib.id))
+    pair = session.scalar(select(NotSamePair).where(NotSamePair.identity_a == lo,
+                                                    NotSamePair.identity_b == hi))
+    if pair is None:
+        pair = NotSamePair(owner_id=ia.owner_id, identity_a=lo, identity_b=hi)
+        session.add(pair)
+        session.flush()
+        audit.append(session, "identity.not_same", actor=actor, owner=ia.owner.name,
+                     subject=ia.handle, details={"other": ib.handle})
+    return pair
+
+
+def not_same_partners(session: Session, identity_id: int) -> set[int]:
+    rows = session.execute(select(NotSamePair.identity_a, NotSamePair.identity_b).where(
+        (NotSamePair.identity_a == identity_id) | (NotSamePair.identity_b == identity_id)))
+    return {b if a == identity_id else a for a, b in rows}

@@ -1,0 +1,339 @@
+"""The key store: per-identity data keys (DEKs) wrapped under the KEK.
+
+Lives in its own database (``keystore.db`` by default) so that deleting a
+DEK crypto-shreds every copy of that identity's ciphertext, backups of the
+data database included. Also holds the vault's Ed25519 signing key (erasure
+receipts, provenance) wrapped the same way.
+
+Wrapped keys are tokens of :mod:`vault.crypto` whose header carries the vault
+id and the KEK version, so unwrapping looks the KEK up directly. Each KEK
+version has a check value (an HMAC of a constant) so a wrong key file is
+reported as such. Rotation (:meth:`KeyStore.rotate`) adds a KEK version and
+re-wraps every key in small committed batches; it can be killed at any point
+and a re-run finishes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlalchemy.orm import Session
+
+from vault import crypto
+from vault.errors import DecryptionError, IntegrityError, KeyUnavailable, NotFound
+from vault.keyprovider import KeyProvider
+from vault.keystore_models import DataKey, KekVersion, KeystoreMeta, SigningKey
+
+_CHECK_LABEL = b"idvault kek check v1"
+SIGNING_PURPOSE = "vault"
+
+
+def kek_check_value(kek: bytes) -> bytes:
+    return hmac.new(kek, _CHECK_LABEL, hashlib.sha256).digest()
+
+
+@dataclass
+class RotationReport:
+    from_versions: list[int]
+    to_version: int
+    rewrapped: int
+    resumed: bool
+    note: str | None
+
+
+class KeyStore:
+    def __init__(self, engine: Engine, provider: KeyProvider, *, dek_cache_seconds: float = 30.0):
+        self.engine = engine
+        self.provider = provider
+        self._keks: dict[int, bytes] = {}
+        self._deks: dict[str, tuple[float, uuid.UUID, bytes]] = {}
+        self._cache_seconds = dek_cache_seconds
+        self._lock = threading.Lock()
+        self._vault_id: uuid.UUID | None = None
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            yield s
+
+    # -- setup ---------------------------------------------------------------
+    def initialise(self, vault_id: uuid.UUID) -> None:
+        """First KEK version and signing key of a new vault."""
+        key, salt = self.provider.create(1)
+        with self._session() as s:
+            s.add(KeystoreMeta(key="vault_id", value=str(vault_id)))
+            s.add(KekVersion(version=1, provider=self.provider.name, salt=salt,
+                             check_value=kek_check_value(key), state="active"))
+        self._vault_id = vault_id
+        self._keks[1] = key
+        private = Ed25519PrivateKey.generate()
+        key_id = uuid.uuid4()
+        with self._session() as s:
+            s.add(SigningKey(
+                key_id=str(key_id), purpose=SIGNING_PURPOSE,
+                public_key=private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+                kek_version=1, wrapped_private=self._wrap(private.private_bytes_raw(), 1,
+                                                          _signing_context(key_id)),
+            ))
+
+    @property
+    def vault_id(self) -> uuid.UUID:
+        if self._vault_id is None:
+            with self._session() as s:
+                row = s.get(KeystoreMeta, "vault_id")
+            if row is None:
+                raise KeyUnavailable("the key store is empty: run `idvault init`")
+            self._vault_id = uuid.UUID(row.value)
+        return self._vault_id
+
+    def check(self) -> int:
+        """Verify that the active KEK is available and right; its version."""
+        version = self.active_version()
+        self.kek(version)
+        return version
+
+    # -- KEKs ----------------------------------------------------------------
+    def active_version(self) -> int:
+        with self._session() as s:
+            v = s.scalar(select(func.max(KekVersion.version)).where(KekVersion.state == "active"))
+        if v is None:
+            raise KeyUnavailable("the key store has no active KEK version: run `idvault init`")
+        return v
+
+    def kek(self, version: int) -> bytes:
+        if version in self._keks:
+            return self._keks[version]
+        with self._session() as s:
+            row = s.get(KekVersion, version)
+            if row is None:
+                raise KeyUnavailable(f"KEK version {version} is unknown to this key store")
+            salt, check, state = row.salt, row.check_value, row.state
+        if state == "retired":
+            raise KeyUnavailable(f"KEK version {version} was retired by a key rotation")
+        for candidate in self.provider.candidates(version, salt):
+            if hmac.compare_digest(kek_check_value(candidate), check):
+                self._keks[version] = candidate
+                return candidate
+        raise KeyUnavailable(
+            f"{self.provider.describe()} does not match this vault: KEK version {version} "
+            "failed its check value (wrong key file, variable or passphrase?)"
+        )
+
+    def _wrap(self, secret: bytes, version: int, context: dict[str, str]) -> bytes:
+        return crypto.seal(self.kek(version), secret, key_id=self.vault_id,
+                           key_version=version, context=context)
+
+    def _unwrap(self, token: bytes, context: dict[str, str]) -> bytes:
+        header = crypto.read_header(token)
+        if header.key_id != self.vault_id:
+            raise DecryptionError("wrapped key belongs to another vault")
+        return crypto.open_token(self.kek(header.key_version), token, context=context)
+
+    # -- DEKs ----------------------------------------------------------------
+    def get_or_create_dek(self, identity_uid: str) -> tuple[uuid.UUID, bytes]:
+        try:
+            return self.dek(identity_uid)
+        except NotFound:
+            pass
+        key_id, dek = uuid.uuid4(), crypto.new_key()
+        version = self.active_version()
+        wrapped = self._wrap(dek, version, _dek_context(identity_uid, key_id))
+        try:
+            with self._session() as s:
+                s.add(DataKey(key_id=str(key_id), identity_uid=identity_uid,
+                              kek_version=version, wrapped=wrapped))
+        except SAIntegrityError:
+            return self.dek(identity_uid)  # created concurrently
+        return key_id, dek
+
+    def dek(self, identity_uid: str) -> tuple[uuid.UUID, bytes]:
+        now = time.monotonic()
+        with self._lock:
+            # Drop expired keys so unwrapped DEKs do not outlive the cache window.
+            for uid in [u for u, (t, _, _) in self._deks.items() if now - t >= self._cache_seconds]:
+                del self._deks[uid]
+            hit = self._deks.get(identity_uid)
+            if hit:
+                return hit[1], hit[2]
+        with self._session() as s:
+            row = s.scalar(select(DataKey).where(DataKey.identity_uid == identity_uid))
+            if row is None:
+                raise NotFound(
+                    "no data key for this identity: it was erased (crypto-shredded) or never "
+                    "stored an artifact"
+                )
+            key_id, wrapped = uuid.UUID(row.key_id), row.wrapped
+        try:
+            dek = self._unwrap(wrapped, _dek_context(identity_uid, key_id))
+        except DecryptionError:
+            raise IntegrityError(
+                f"the wrapped data key of identity {identity_uid} failed authentication: "
+                "the key store row is corrupt or was altered"
+            ) from None
+        if self._cache_seconds > 0:
+            with self._lock:
+                self._deks[identity_uid] = (now, key_id, dek)
+        return key_id, dek
+
+    def shred(self, identity_uid: str) -> str | None:
+        """Delete an identity's DEK for good; its key id, or None if it had none."""
+        with self._lock:
+            self._deks.pop(identity_uid, None)
+        with self._session() as s:
+            row = s.scalar(select(DataKey).where(DataKey.identity_uid == identity_uid))
+            if row is None:
+                return None
+            key_id = row.key_id
+            s.delete(row)
+        return key_id
+
+    def count_deks(self) -> int:
+        with self._session() as s:
+            return s.scalar(select(func.count()).select_from(DataKey)) or 0
+
+    def dek_uids(self) -> set[str]:
+        with self._session() as s:
+            return set(s.scalars(select(DataKey.identity_uid)))
+
+    def all_deks(self, uids: set[str] | None = None) -> dict[str, tuple[uuid.UUID, bytes]]:
+        """Unwrap many DEKs with one query (index rebuilds)."""
+        with self._session() as s:
+            rows = s.execute(select(DataKey.identity_uid, DataKey.key_id, DataKey.wrapped)).all()
+        out = {}
+        for uid, key_id, wrapped in rows:
+            if uids is None or uid in uids:
+                kid = uuid.UUID(key_id)
+                out[uid] = (kid, self._unwrap(wrapped, _dek_context(uid, kid)))
+        return out
+
+    # -- signing -------------------------------------------------------------
+    def _signing_row(self) -> tuple[uuid.UUID, bytes, bytes]:
+        with self._session() as s:
+            row = s.scalar(select(SigningKey).where(SigningKey.purpose == SIGNING_PURPOSE))
+            if row is None:
+                raise KeyUnavailable("the key store has no signing key: run `idvault init`")
+            return uuid.UUID(row.key_id), row.public_key, row.wrapped_private
+
+    def sign(self, message: bytes) -> tuple[uuid.UUID, bytes, bytes]:
+        """Sign ``message``: ``(key_id, public_key, signature)``."""
+        key_id, public, wrapped = self._signing_row()
+        private = Ed25519PrivateKey.from_private_bytes(
+            self._unwrap(wrapped, _signing_context(key_id))
+        )
+        return key_id, public, private.sign(message)
+
+    def public_key(self) -> tuple[uuid.UUID, bytes]:
+        key_id, public, _ = self._signing_row()
+        return key_id, public
+
+    @staticmethod
+    def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> bool:
+        from cryptography.exceptions import InvalidSignature
+
+        try:
+            Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+    # -- rotation ----------------------------------------------------------------
+    def rotate(self, *, batch_size: int = 50,
+               progress: Callable[[int, int], None] | None = None) -> RotationReport:
+        """Re-wrap every key under a new KEK version; resumable and idempotent.
+
+        1. Unless a rotation is already under way (a version in state
+           ``retiring``), create version N+1 with the provider (idempotent for
+           a version the provider already made) and, in one transaction, make
+           it active and the old ones ``retiring``.
+        2. Re-wrap DEKs and the signing key still under older versions, in
+           committed batches: each row is readable at every moment.
+        3. When none is left, ask the provider to forget the old versions,
+           then mark them ``retired``.
+        """
+        with self._session() as s:
+            versions = {v.version: v.state for v in s.scalars(select(KekVersion))}
+        retiring = sorted(v for v, st in versions.items() if st == "retiring")
+        resumed = bool(retiring)
+        if not resumed:
+            for v, st in versions.items():
+                if st == "active":
+                    self.kek(v)  # the current key must be right before we begin
+            target = max(versions) + 1
+            key, salt = self.provider.create(target)
+            with self._session() as s:
+                for row in s.scalars(select(KekVersion).where(KekVersion.state == "active")):
+                    row.state = "retiring"
+                    retiring.append(row.version)
+                s.add(KekVersion(version=target, provider=self.provider.name, salt=salt,
+                                 check_value=kek_check_value(key), state="active"))
+            self._keks[target] = key
+        target = self.active_version()
+        self.kek(target)
+
+        total = self._count_old(target)
+        done = 0
+        while True:
+            # Unwrapping needs the old KEKs; fetch them before the batch's write
+            # transaction, as kek() reads the key store itself.
+            with self._session() as s:
+                old_versions = set(s.scalars(select(DataKey.kek_version).distinct()))
+                old_versions |= set(s.scalars(select(SigningKey.kek_version).distinct()))
+            for v in old_versions - {target}:
+                self.kek(v)
+            with self._session() as s:
+                rows = s.scalars(select(DataKey).where(DataKey.kek_version != target)
+                                 .limit(batch_size)).all()
+                for row in rows:
+                    ctx = _dek_context(row.identity_uid, uuid.UUID(row.key_id))
+                    row.wrapped = self._wrap(self._unwrap(row.wrapped, ctx), target, ctx)
+                    row.kek_version = target
+                signing = s.scalars(select(SigningKey).where(SigningKey.kek_version != target)).all()
+                for row in signing:
+                    ctx = _signing_context(uuid.UUID(row.key_id))
+                    row.wrapped_private = self._wrap(self._unwrap(row.wrapped_private, ctx),
+                                                     target, ctx)
+                    row.kek_version = target
+            done += len(rows) + len(signing)
+            if progress:
+                progress(done, max(total, done))
+            if not rows and not signing:
+                break
+        note = self.provider.retire(retiring) if retiring else None
+        with self._session() as s:
+            for row in s.scalars(select(KekVersion).where(KekVersion.state == "retiring")):
+                row.state = "retired"
+        for v in retiring:
+            self._keks.pop(v, None)
+        return RotationReport(retiring, target, done, resumed, note)
+
+    def _count_old(self, target: int) -> int:
+        with self._session() as s:
+            n = s.scalar(select(func.count()).select_from(DataKey)
+                         .where(DataKey.kek_version != target)) or 0
+            n += s.scalar(select(func.count()).select_from(SigningKey)
+                          .where(SigningKey.kek_version != target)) or 0
+        return n
+
+    def kek_versions(self) -> list[tuple[int, str]]:
+        with self._session() as s:
+            return [(v.version, v.state) for v in s.scalars(select(KekVersion)
+                                                              .order_by(KekVersion.version))]
+
+
+def _dek_context(identity_uid: str, key_id: uuid.UUID) -> dict[str, str]:
+    return {"purpose": "dek", "identity": identity_uid, "key_id": str(key_id)}
+
+
+def _signing_context(key_id: uuid.UUID) -> dict[str, str]:
+    return {"purpose": "signing-key", "key_id": str(key_id)}

@@ -1,0 +1,260 @@
+"""SQLAlchemy models of the data database (everything but keys).
+
+The key store has its own models in ``vault/keystore_models.py`` and lives in
+another database, so that shredding a key is independent of any copy of this
+one. Nothing biometric is stored here in plaintext: artifact payloads are
+sealed tokens, and metadata columns hold only shapes, kinds and model ids.
+The Alembic chain in ``migrations/`` creates exactly this schema (a test
+compares the two).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    Date,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def new_uid() -> str:
+    return str(uuid.uuid4())
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+OWNER_KINDS = ("family", "studio")
+ERASE_POLICIES = ("immediate", "retain")
+IDENTITY_STATUSES = ("active", "withdrawn")
+JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+
+
+class VaultMeta(Base):
+    """Facts about this vault, e.g. its id, which the key store must match."""
+
+    __tablename__ = "vault_meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+
+
+class Owner(Base):
+    __tablename__ = "owners"
+    __table_args__ = (
+        CheckConstraint("kind IN ('family', 'studio')", name="kind"),
+        CheckConstraint("erase_policy IN ('immediate', 'retain')", name="erase_policy"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    erase_policy: Mapped[str] = mapped_column(String(16), default="immediate")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    identities: Mapped[list[Identity]] = relationship(back_populates="owner")
+
+
+class Identity(Base):
+    __tablename__ = "identities"
+    __table_args__ = (
+        UniqueConstraint("owner_id", "name", name="uq_identities_owner_name"),
+        CheckConstraint("status IN ('active', 'withdrawn')", name="status"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uid)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("owners.id", ondelete="RESTRICT"), index=True)
+    name: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+    owner: Mapped[Owner] = relationship(back_populates="identities")
+    consents: Mapped[list[Consent]] = relationship(
+        back_populates="identity", cascade="all, delete-orphan", order_by="Consent.id"
+    )
+    artifacts: Mapped[list[Artifact]] = relationship(
+        back_populates="identity", cascade="all, delete-orphan"
+    )
+
+    @property
+    def handle(self) -> str:
+        return f"{self.owner.name}/{self.name}"
+
+    @property
+    def consent(self) -> Consent:
+        """The current consent record (the newest)."""
+        return self.consents[-1]
+
+
+class Consent(Base):
+    __tablename__ = "consents"
+    __table_args__ = (
+        CheckConstraint("given_by IN ('self', 'guardian')", name="given_by"),
+        CheckConstraint(
+            "given_by = 'self' OR guardian_name IS NOT NULL", name="guardian_named"
+        ),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uid)
+    identity_id: Mapped[int] = mapped_column(
+        ForeignKey("identities.id", ondelete="CASCADE"), index=True
+    )
+    subject: Mapped[str] = mapped_column(String(200))
+    given_by: Mapped[str] = mapped_column(String(16))
+    guardian_name: Mapped[str | None] = mapped_column(String(200))
+    purposes: Mapped[list[str]] = mapped_column(JSON)
+    retain_until: Mapped[dt.date] = mapped_column(Date)
+    evidence_sha256: Mapped[str] = mapped_column(String(64))
+    given_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    withdrawn_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    withdrawal_reason: Mapped[str | None] = mapped_column(Text)
+
+    identity: Mapped[Identity] = relationship(back_populates="consents")
+
+
+class Artifact(Base):
+    """One sealed artifact. ``id`` is chosen before sealing: it is part of the AAD."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (
+        UniqueConstraint("identity_id", "kind", "model_id", name="uq_artifacts_identity_kind_model"),
+    )
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uid)
+    identity_id: Mapped[int] = mapped_column(
+        ForeignKey("identities.id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(32))
+    schema_version: Mapped[int] = mapped_column(Integer)
+    model_id: Mapped[str] = mapped_column(String(128))
+    size: Mapped[int] = mapped_column(Integer)  # plaintext payload bytes
+    sha256: Mapped[str] = mapped_column(String(64))  # of the plaintext payload
+    shapes: Mapped[dict] = mapped_column(JSON)  # tensor name -> shape; no values
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    identity: Mapped[Identity] = relationship(back_populates="artifacts")
+
+
+class CelebBasis(Base):
+    """A Celeb Basis (mean + PCA basis per token position), content-addressed.
+
+    Built from public names and a public token table, so not secret: stored as
+    a plain safetensors payload whose SHA-256 is its id.
+    """
+
+    __tablename__ = "celeb_bases"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of payload
+    text_encoder: Mapped[str] = mapped_column(String(128))
+    source: Mapped[str] = mapped_column(String(200))  # names list digest or imported file
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class NotSamePair(Base):
+    """Two identities of one owner recorded as different people (twins, siblings)."""
+
+    __tablename__ = "not_same_pairs"
+    __table_args__ = (
+        UniqueConstraint("identity_a", "identity_b", name="uq_not_same_pairs_a_b"),
+        CheckConstraint("identity_a < identity_b", name="ordered"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("owners.id", ondelete="CASCADE"), index=True)
+    identity_a: Mapped[int] = mapped_column(ForeignKey("identities.id", ondelete="CASCADE"))
+    identity_b: Mapped[int] = mapped_column(ForeignKey("identities.id", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEvent(Base):
+    """One link of the append-only, hash-chained audit log."""
+
+    __tablename__ = "audit_events"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    action: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(128))
+    owner: Mapped[str | None] = mapped_column(String(32), index=True)
+    subject: Mapped[str | None] = mapped_column(String(80))  # handle or other target
+    details: Mapped[dict] = mapped_column(JSON)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The chain's newest link; locking this row serialises appends."""
+
+    __tablename__ = "audit_head"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class ApiKey(Base):
+    """An API key: only a hash of the secret is stored; the secret is shown once."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("owners.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Job(Base):
+    """Long work (personalisation fits, generations) with progress and cancel."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('queued', 'running', 'done', 'failed', 'cancelled')", name="status"
+        ),
+    )
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uid)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("owners.id", ondelete="CASCADE"), index=True)
+    identity_id: Mapped[int | None] = mapped_column(
+        ForeignKey("identities.id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str | None] = mapped_column(Text)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    result: Mapped[dict | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

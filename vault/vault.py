@@ -1,0 +1,520 @@
+"""The Vault: one object that owns the two databases, the keys and the index.
+
+Operations that span the data database and the key store live here, because
+they need an order that survives a crash at any point:
+
+* storing an artifact creates the identity's DEK (key store, committed) before
+  the sealed artifact (data DB); a crash in between leaves a harmless key;
+* erasing an identity deletes its DEK first (crypto-shredding every copy of
+  its ciphertext at once), then its rows; a crash in between leaves rows that
+  can no longer be decrypted and a re-run removes them.
+
+Session-level services (``vault.identities``, ``vault.audit``...) never
+commit; the methods here and ``Vault.session()`` own the transactions.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, selectinload
+
+from vault import audit, codec, crypto, db, identities
+from vault.config import Settings
+from vault.consent import ConsentRequest, check_use
+from vault.dedupe_index import DedupeIndex, Match
+from vault.errors import (
+    AlreadyExists,
+    DecryptionError,
+    IntegrityError,
+    InvalidInput,
+    KeyUnavailable,
+    NotFound,
+    SignatureInvalid,
+    VaultError,
+)
+from vault.handles import Handle
+from vault.keyprovider import FileKeyProvider, provider_for
+from vault.keystore import KeyStore, RotationReport
+from vault.models import Artifact, Identity, Job, NotSamePair, Owner, VaultMeta, utcnow
+
+RECEIPT_TYPE = "idvault.erasure-receipt/1"
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    id: str
+    kind: str
+    model_id: str
+    size: int
+    sha256: str
+    replaced: str | None
+
+
+@dataclass(frozen=True)
+class OpenedArtifact:
+    artifact: codec.DecodedArtifact
+    payload: bytes
+    id: str
+    handle: str
+
+
+def _actor() -> str:
+    return f"cli:{os.environ.get('USER', 'unknown')}"
+
+
+class Vault:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = db.make_engine(settings.resolved_database_url, schema="data")
+        self.keystore_engine = db.make_engine(settings.resolved_keystore_url, schema="keystore")
+        self.provider = provider_for(settings.key_provider, settings.resolved_key_file)
+        self.keys = KeyStore(self.keystore_engine, self.provider,
+                             dek_cache_seconds=settings.dek_cache_seconds)
+        self.index = DedupeIndex(block=settings.dedupe_block, review=settings.dedupe_review,
+                                 index_type=settings.dedupe_index)
+        self._vault_id: uuid.UUID | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+    @classmethod
+    def init(cls, settings: Settings, *, actor: str | None = None) -> Vault:
+        """Create a new vault: data dir, both schemas, key material, audit genesis.
+
+        The databases are created and checked before any key material is
+        written, so a failed init (unreachable server, wrong URL) can simply be
+        re-run.
+        """
+        if settings.resolved_database_url == settings.resolved_keystore_url:
+            raise InvalidInput("the key store must be a different database from the data "
+                               "(that separation is what makes erasure crypto-shred backups)")
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        vault = cls(settings)
+        try:
+            if vault._has_schema():
+                with vault.session() as s:
+                    if s.get(VaultMeta, "vault_id") is not None:
+                        raise AlreadyExists(
+                            f"a vault already exists at {vault.describe_location()}; refusing "
+                            "to initialise over it")
+            db.upgrade(vault.engine, "data")
+            db.upgrade(vault.keystore_engine, "keystore")
+        except OperationalError as exc:
+            vault.dispose()
+            raise InvalidInput(f"cannot create the vault databases: {exc.orig}") from None
+        except VaultError:
+            vault.dispose()
+            raise
+        for url in (settings.resolved_database_url, settings.resolved_keystore_url):
+            path = db.sqlite_path(url)
+            if path is not None and path.exists():
+                path.chmod(0o600)
+        if isinstance(vault.provider, FileKeyProvider):
+            vault.provider.initialise()
+        vault_id = uuid.uuid4()
+        vault.keys.initialise(vault_id)
+        with vault.session() as s:
+            s.add(VaultMeta(key="vault_id", value=str(vault_id)))
+            audit.ensure_head(s)
+            audit.append(s, "vault.init", actor=actor or _actor(),
+                         details={"vault": str(vault_id), "key_provider": vault.provider.name})
+        vault._vault_id = vault_id
+        return vault
+
+    @classmethod
+    def open(cls, settings: Settings, *, check_keys: bool = True) -> Vault:
+        """Open an existing vault; upgrades its schemas to this version if older."""
+        for url in (settings.resolved_database_url, settings.resolved_keystore_url):
+            path = db.sqlite_path(url)
+            if path is not None and not path.exists():
+                raise NotFound(f"no vault at {settings.data_dir} ({path.name} is missing): "
+                               "run `idvault init` or pass --data-dir")
+        vault = cls(settings)
+        try:
+            db.upgrade(vault.engine, "data")
+            db.upgrade(vault.keystore_engine, "keystore")
+            with vault.session() as s:
+                row = s.get(VaultMeta, "vault_id")
+        except OperationalError as exc:
+            vault.dispose()
+            raise InvalidInput(f"cannot open the vault database: {exc.orig}") from None
+        if row is None:
+            vault.dispose()
+            raise NotFound(f"no vault in {vault.describe_location()}: run `idvault init`")
+        vault._vault_id = uuid.UUID(row.value)
+        if vault.keys.vault_id != vault._vault_id:
+            vault.dispose()
+            raise KeyUnavailable("the key store belongs to another vault (its vault id "
+                                 "differs); point IDVAULT_KEYSTORE_URL at this vault's")
+        if check_keys:
+            vault.keys.check()
+        return vault
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+        self.keystore_engine.dispose()
+
+    def __enter__(self) -> Vault:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.dispose()
+
+    def _has_schema(self) -> bool:
+        from sqlalchemy import inspect
+
+        try:
+            return inspect(self.engine).has_table("vault_meta")
+        except OperationalError:
+            return False
+
+    def describe_location(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    @property
+    def vault_id(self) -> uuid.UUID:
+        assert self._vault_id is not None
+        return self._vault_id
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction on the data database: committed on success."""
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            yield s
+
+    # -- owners and identities ------------------------------------------------------
+    def add_owner(self, name: str, kind: str, *, erase_policy: str = "immediate",
+                  actor: str | None = None) -> dict:
+        try:
+            with self.session() as s:
+                owner = identities.add_owner(s, name, kind, erase_policy=erase_policy,
+                                             actor=actor or _actor())
+                return {"name": owner.name, "kind": owner.kind,
+                        "erase_policy": owner.erase_policy}
+        except SAIntegrityError:
+            raise AlreadyExists(f"owner {name!r} already exists") from None
+
+    def create_identity(self, handle: str, request: ConsentRequest, *,
+                        actor: str | None = None) -> dict:
+        h = Handle.parse(handle)
+        try:
+            with self.session() as s:
+                identity = identities.create_identity(s, h, request, actor=actor or _actor())
+                return identities.describe_identity(identity)
+        except SAIntegrityError:
+            raise AlreadyExists(f"identity {h} already exists") from None
+
+    def describe(self, handle: str) -> dict:
+        with self.session() as s:
+            return identities.describe_identity(identities.get_identity(s, handle))
+
+    def list_identities(self, owner: str | None = None) -> list[dict]:
+        with self.session() as s:
+            return [identities.describe_identity(i) for i in identities.list_identities(s, owner)]
+
+    # -- artifacts --------------------------------------------------------------------
+    def _context(self, identity: Identity, artifact_id: str, kind: str,
+                 model_id: str) -> dict[str, str]:
+        return {"vault": str(self.vault_id), "owner": identity.owner.name,
+                "identity": identity.uid, "artifact": artifact_id, "kind": kind,
+                "model_id": model_id}
+
+    def _seal_artifact(self, identity: Identity, artifact_id: str, kind: str, model_id: str,
+                       payload: bytes) -> bytes:
+        key_id, dek = self.keys.get_or_create_dek(identity.uid)
+        return crypto.seal(dek, payload, key_id=key_id, key_version=1,
+                           context=self._context(identity, artifact_id, kind, model_id))
+
+    def _open_artifact(self, identity: Identity, row: Artifact) -> bytes:
+        try:
+            key_id, dek = self.keys.dek(identity.uid)
+        except NotFound:
+            raise IntegrityError(
+                f"artifact {row.id} of {identity.handle} cannot be decrypted: the identity's "
+                "data key is gone (it was erased, or this key store belongs to another copy)"
+            ) from None
+        header = crypto.read_header(row.ciphertext)
+        if header.key_id != key_id:
+            raise DecryptionError(
+                f"artifact {row.id} of {identity.handle} was sealed under another key "
+                "(the ciphertext was moved from another identity)")
+        return crypto.open_token(dek, row.ciphertext,
+                                 context=self._context(identity, row.id, row.kind, row.model_id))
+
+    def put_artifact(self, handle: str, kind: str, payload: bytes, *,
+                     actor: str | None = None) -> StoredArtifact:
+        """Validate, seal and store an artifact; replaces the one of the same kind and model."""
+        decoded = codec.decode(payload, kind=kind, max_bytes=self.settings.max_artifact_bytes)
+        with self.session() as s:
+            identity = identities.get_identity(s, handle, lock=True)
+            check_use(identity.consent, "enroll")
+            artifact_id = str(uuid.uuid4())
+            sealed = self._seal_artifact(identity, artifact_id, kind, decoded.model_id, payload)
+            old = s.scalar(select(Artifact).where(Artifact.identity_id == identity.id,
+                                                  Artifact.kind == kind,
+                                                  Artifact.model_id == decoded.model_id))
+            replaced = old.id if old else None
+            if old is not None:
+                s.delete(old)
+                s.flush()
+            digest = hashlib.sha256(payload).hexdigest()
+            s.add(Artifact(id=artifact_id, identity_id=identity.id, kind=kind,
+                           schema_version=decoded.schema_version, model_id=decoded.model_id,
+                           size=len(payload), sha256=digest, shapes=decoded.shapes,
+                           ciphertext=sealed))
+            audit.append(s, "artifact.write", actor=actor or _actor(),
+                         owner=identity.owner.name, subject=identity.handle,
+                         details={"artifact": artifact_id, "kind": kind,
+                                  "model_id": decoded.model_id, "sha256": digest,
+                                  "replaced": replaced})
+            owner_id, identity_id = identity.owner_id, identity.id
+        if kind == "face" and owner_id in self.index.loaded_owners:
+            self.index.replace(owner_id, decoded.model_id, identity_id,
+                               decoded.tensors["normed"])
+        return StoredArtifact(artifact_id, kind, decoded.model_id, len(payload), digest, replaced)
+
+    def get_artifact(self, handle: str, kind: str, *, model_id: str | None = None,
+                     purpose: str = "generate", actor: str | None = None) -> OpenedArtifact:
+        """Decrypt an artifact for ``purpose`` (checked against consent); audited."""
+        with self.session() as s:
+            identity = identities.get_identity(s, handle)
+            check_use(identity.consent, purpose)
+            rows = [a for a in identity.artifacts if a.kind == kind
+                    and (model_id is None or a.model_id == model_id)]
+            if not rows:
+                what = f"{kind} artifact" + (f" for model {model_id}" if model_id else "")
+                raise NotFound(f"{identity.handle} has no {what}")
+            if len(rows) > 1:
+                raise InvalidInput(
+                    f"{identity.handle} has {len(rows)} {kind} artifacts; choose one by model "
+                    f"id: {', '.join(sorted(a.model_id for a in rows))}")
+            row = rows[0]
+            payload = self._open_artifact(identity, row)
+            decoded = codec.decode(payload, kind=kind)
+            audit.append(s, "artifact.read", actor=actor or _actor(),
+                         owner=identity.owner.name, subject=identity.handle,
+                         details={"artifact": row.id, "kind": kind, "model_id": row.model_id,
+                                  "purpose": purpose})
+            return OpenedArtifact(decoded, payload, row.id, identity.handle)
+
+    # -- dedupe index ---------------------------------------------------------------
+    def rebuild_index(self, owner: str | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> dict:
+        """Rebuild the in-memory index of one owner (or all) from the encrypted store."""
+        with self.session() as s:
+            owners = ([identities.get_owner(s, owner)] if owner
+                      else identities.list_owners(s))
+            owner_ids = {o.id: o.name for o in owners}
+        total = 0
+        for owner_id in owner_ids:
+            total += self._load_owner_index(owner_id, progress)
+        return {"owners": len(owner_ids), "vectors": total,
+                "identities": sum(self.index.identities(o) for o in owner_ids)}
+
+    def _load_owner_index(self, owner_id: int,
+                          progress: Callable[[int, int], None] | None = None) -> int:
+        with self.session() as s:
+            rows = s.execute(
+                select(Identity, Artifact).join(Artifact, Artifact.identity_id == Identity.id)
+                .where(Identity.owner_id == owner_id, Identity.status == "active",
+                       Artifact.kind == "face")
+                .options(selectinload(Identity.owner))).all()
+            deks = self.keys.all_deks({i.uid for i, _ in rows})
+            by_model: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+            for n, (identity, art) in enumerate(rows, 1):
+                if identity.uid not in deks:
+                    continue  # shredded mid-erasure; its rows are going
+                _, dek = deks[identity.uid]
+                payload = crypto.open_token(
+                    dek, art.ciphertext,
+                    context=self._context(identity, art.id, art.kind, art.model_id))
+                normed = codec.decode(payload, kind="face").tensors["normed"]
+                ids, vectors = by_model.setdefault(art.model_id, ([], []))
+                ids.extend([identity.id] * len(normed))
+                vectors.append(normed)
+                if progress and (n % 1000 == 0 or n == len(rows)):
+                    progress(n, len(rows))
+        self.index.drop_owner(owner_id)
+        total = 0
+        for model_id, (ids, vectors) in by_model.items():
+            idx = self.index.get(owner_id, model_id)
+            idx.add_many(np.asarray(ids), np.concatenate(vectors))
+            idx.optimise()
+            total += len(ids)
+        self.index.loaded_owners.add(owner_id)
+        return total
+
+    def search_faces(self, owner: str, vectors: np.ndarray, *, model_id: str | None = None,
+                     k: int = 5, exclude_identity: str | None = None) -> list[dict]:
+        """Closest identities of ``owner`` to the query embeddings, with decisions.
+
+        ``model_id`` names the face model the query embeddings come from; it may
+        be left out while the owner's faces all come from one model.
+        """
+        with self.session() as s:
+            owner_row = identities.get_owner(s, owner)
+            exclude: set[int] = set()
+            if exclude_identity is not None:
+                me = identities.get_identity(s, exclude_identity)
+                exclude = {me.id} | identities.not_same_partners(s, me.id)
+        if owner_row.id not in self.index.loaded_owners:
+            self._load_owner_index(owner_row.id)
+        models = self.index.models(owner_row.id)
+        if model_id is None:
+            if len(models) > 1:
+                raise InvalidInput(f"{owner} has faces from several models "
+                                   f"({', '.join(models)}); say which one the query is from")
+            if not models:
+                return []
+            model_id = models[0]
+        matches = self.index.search(owner_row.id, model_id, vectors, k=k, exclude=exclude)
+        return self._with_handles(matches)
+
+    def _with_handles(self, matches: list[Match]) -> list[dict]:
+        if not matches:
+            return []
+        with self.session() as s:
+            names = dict(s.execute(select(Identity.id, Identity.name).where(
+                Identity.id.in_([m.identity_id for m in matches]))).all())
+            owners = dict(s.execute(select(Identity.id, Owner.name).join(Owner).where(
+                Identity.id.in_([m.identity_id for m in matches]))).all())
+        return [{"handle": f"{owners[m.identity_id]}/{names[m.identity_id]}",
+                 "score": round(m.score, 4), "decision": m.decision}
+                for m in matches if m.identity_id in names]
+
+    def record_not_same(self, a: str, b: str, *, actor: str | None = None) -> None:
+        with self.session() as s:
+            identities.record_not_same(s, a, b, actor=actor or _actor())
+
+    # -- consent ------------------------------------------------------------------------
+    def withdraw_consent(self, handle: str, *, reason: str | None = None,
+                         actor: str | None = None) -> dict:
+        """Withdraw consent now; erase at once when the owner's policy says so."""
+        with self.session() as s:
+            identity = identities.get_identity(s, handle, lock=True)
+            record = identity.consent
+            if record.withdrawn_at is not None:
+                raise AlreadyExists(f"consent for {identity.handle} was already withdrawn")
+            record.withdrawn_at, record.withdrawal_reason = utcnow(), reason
+            identity.status = "withdrawn"
+            policy = identity.owner.erase_policy
+            audit.append(s, "consent.withdraw", actor=actor or _actor(),
+                         owner=identity.owner.name, subject=identity.handle,
+                         details={"consent": record.uid, "erase_policy": policy})
+            owner_id, identity_id = identity.owner_id, identity.id
+        self.index.remove(owner_id, identity_id)
+        result: dict = {"handle": str(Handle.parse(handle)), "withdrawn": True,
+                        "erase_policy": policy}
+        if policy == "immediate":
+            result["receipt"] = self.delete_identity(handle, actor=actor,
+                                                     reason="consent withdrawn")
+        return result
+
+    def sweep_retention(self, *, today: dt.date | None = None,
+                        actor: str | None = None) -> list[dict]:
+        """Erase identities whose consent's retention date has passed."""
+        today = today or dt.date.today()
+        with self.session() as s:
+            due = [i.handle for i in identities.list_identities(s, limit=10**9)
+                   if i.consent.retain_until < today]
+        return [self.delete_identity(h, actor=actor, reason="retention period ended")
+                for h in due]
+
+    # -- erasure ------------------------------------------------------------------------
+    def delete_identity(self, handle: str, *, actor: str | None = None,
+                        reason: str = "requested") -> dict:
+        """Crypto-shred, then delete every row; returns a signed receipt."""
+        h = Handle.parse(handle)
+        with self.session() as s:
+            identity = identities.get_identity(s, h)
+            uid, identity_id, owner_id = identity.uid, identity.id, identity.owner_id
+            artifacts = [{"id": a.id, "kind": a.kind, "model_id": a.model_id, "sha256": a.sha256}
+                         for a in sorted(identity.artifacts, key=lambda a: a.id)]
+            consents = [c.uid for c in identity.consents]
+        key_id = self.keys.shred(uid)  # from here on, every copy is unreadable
+        removed = self.index.remove(owner_id, identity_id)
+        with self.session() as s:
+            identity = identities.get_identity(s, h, lock=True)
+            s.execute(delete(NotSamePair).where((NotSamePair.identity_a == identity_id)
+                                                | (NotSamePair.identity_b == identity_id)))
+            s.execute(delete(Job).where(Job.identity_id == identity_id))
+            s.delete(identity)
+            s.flush()
+            erased_at = utcnow()
+            event = audit.append(s, "identity.delete", actor=actor or _actor(), owner=h.owner,
+                                 subject=str(h),
+                                 details={"identity": uid, "artifacts": len(artifacts),
+                                          "data_key": key_id, "reason": reason})
+            seq = event.seq
+        self._checkpoint()
+        receipt = {
+            "type": RECEIPT_TYPE, "vault": str(self.vault_id), "handle": str(h),
+            "identity": uid, "erased_at": audit.canonical_time(erased_at), "reason": reason,
+            "artifacts": artifacts, "consent_records": consents,
+            "data_key": {"key_id": key_id, "shredded": key_id is not None},
+            "index_vectors_removed": removed, "audit_seq": seq,
+        }
+        return self.sign_receipt(receipt)
+
+    def _checkpoint(self) -> None:
+        # WAL pages may still hold deleted rows until a checkpoint rewrites them.
+        if self.engine.dialect.name == "sqlite":
+            raw = self.engine.raw_connection()  # outside any transaction, as SQLite requires
+            try:
+                raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                raw.close()
+
+    def sign_receipt(self, receipt: dict) -> dict:
+        key_id, public, signature = self.keys.sign(_canonical(receipt))
+        return {"receipt": receipt,
+                "signature": {"alg": "Ed25519", "key_id": str(key_id),
+                              "public_key": base64.b64encode(public).decode(),
+                              "value": base64.b64encode(signature).decode()}}
+
+    def verify_receipt(self, signed: dict) -> dict:
+        """Check a receipt's signature against this vault's signing key."""
+        try:
+            receipt, sig = signed["receipt"], signed["signature"]
+            signature = base64.b64decode(sig["value"], validate=True)
+        except (KeyError, TypeError, ValueError):
+            raise InvalidInput("not an idvault receipt (needs 'receipt' and 'signature')") from None
+        key_id, public = self.keys.public_key()
+        if sig.get("key_id") != str(key_id):
+            raise SignatureInvalid("the receipt was signed by a key this vault does not know")
+        if not KeyStore.verify_signature(public, _canonical(receipt), signature):
+            raise SignatureInvalid("the receipt's signature does not match its contents "
+                                   "(it was altered)")
+        return receipt
+
+    # -- keys and audit -----------------------------------------------------------------
+    def rotate_keys(self, *, batch_size: int = 50, actor: str | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> RotationReport:
+        report = self.keys.rotate(batch_size=batch_size, progress=progress)
+        with self.session() as s:
+            audit.append(s, "keys.rotate", actor=actor or _actor(),
+                         details={"from": report.from_versions, "to": report.to_version,
+                                  "rewrapped": report.rewrapped, "resumed": report.resumed})
+        return report
+
+    def verify_audit(self) -> audit.VerifyResult:
+        with self.session() as s:
+            return audit.verify(s)
+
+
+def _canonical(doc: dict) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+
