@@ -45,7 +45,7 @@ def _redact(url: str) -> str:
     return url
 
 
-def _sqlite_setup(engine: Engine, *, wal: bool) -> None:
+def _sqlite_setup(engine: Engine, *, wal: bool, foreign_keys: bool = True) -> None:
     # pysqlite's own transaction handling would defer BEGIN; take it over.
     engine.dialect.isolation_level = None  # type: ignore[attr-defined]
 
@@ -53,7 +53,7 @@ def _sqlite_setup(engine: Engine, *, wal: bool) -> None:
     def _on_connect(dbapi_conn, _record):  # noqa: ANN001
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
         cur.execute("PRAGMA secure_delete=ON")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute(f"PRAGMA journal_mode={'WAL' if wal else 'DELETE'}")
@@ -84,12 +84,34 @@ def alembic_config(schema: str, engine: Engine | None = None) -> Config:
     return cfg
 
 
-def upgrade(engine: Engine, schema: str) -> None:
-    """Bring the schema to the newest revision (creates it on an empty DB)."""
-    with engine.begin() as conn:
-        cfg = alembic_config(schema, engine)
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+def upgrade(engine: Engine, schema: str, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` (default newest; creates it on an empty DB)."""
+    _run(engine, schema, lambda cfg: command.upgrade(cfg, revision))
+
+
+def downgrade(engine: Engine, schema: str, revision: str) -> None:
+    _run(engine, schema, lambda cfg: command.downgrade(cfg, revision))
+
+
+def _run(engine: Engine, schema: str, op) -> None:  # noqa: ANN001
+    url = engine.url.render_as_string(hide_password=False)
+    if engine.dialect.name == "sqlite":
+        # SQLite alters tables by rebuilding them (drop + rename); with foreign
+        # keys on, dropping a parent table would cascade-delete its children.
+        engine = create_engine(url, connect_args={"timeout": 30})
+        _sqlite_setup(engine, wal=schema == "data", foreign_keys=False)
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config(schema, engine)
+            cfg.attributes["connection"] = conn
+            op(cfg)
+            if engine.dialect.name == "sqlite":
+                broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise RuntimeError(f"migration left dangling foreign keys: {broken[:5]}")
+    finally:
+        if engine.dialect.name == "sqlite":
+            engine.dispose()
 
 
 def current_revision(engine: Engine) -> str | None:

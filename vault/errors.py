@@ -74,6 +74,16 @@ class Conflict(VaultError):
     code = "conflict"
 
 
+class DuplicateIdentity(Conflict):
+    """An enrollment's face matches an existing identity of the owner."""
+
+    code = "duplicate_identity"
+
+    def __init__(self, message: str, *, handle: str, score: float, decision: str) -> None:
+        super().__init__(message, handle=handle, score=score, decision=decision)
+        self.handle, self.score, self.decision = handle, score, decision
+
+
 # -- consent ----------------------------------------------------------------
 class ConsentError(VaultError):
     """Consent does not allow this use."""

@@ -53,7 +53,8 @@ class Base(DeclarativeBase):
 
 OWNER_KINDS = ("family", "studio")
 ERASE_POLICIES = ("immediate", "retain")
-IDENTITY_STATUSES = ("active", "withdrawn")
+IDENTITY_STATUSES = ("active", "held", "withdrawn")
+REVIEW_STATUSES = ("pending", "accepted", "rejected")
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 
 
@@ -84,7 +85,7 @@ class Identity(Base):
     __tablename__ = "identities"
     __table_args__ = (
         UniqueConstraint("owner_id", "name", name="uq_identities_owner_name"),
-        CheckConstraint("status IN ('active', 'withdrawn')", name="status"),
+        CheckConstraint("status IN ('active', 'held', 'withdrawn')", name="status"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     uid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uid)
@@ -191,6 +192,33 @@ class NotSamePair(Base):
     identity_a: Mapped[int] = mapped_column(ForeignKey("identities.id", ondelete="CASCADE"))
     identity_b: Mapped[int] = mapped_column(ForeignKey("identities.id", ondelete="CASCADE"))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Review(Base):
+    """An enrollment held because its face resembles an existing identity.
+
+    The held identity exists (status ``held``, artifacts sealed as usual) but
+    is not indexed nor usable until a person accepts it (they are different
+    people: a not-same pair is recorded) or rejects it (it is erased).
+    """
+
+    __tablename__ = "reviews"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'accepted', 'rejected')", name="status"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("owners.id", ondelete="CASCADE"), index=True)
+    identity_id: Mapped[int | None] = mapped_column(
+        ForeignKey("identities.id", ondelete="SET NULL"), index=True)
+    candidate_id: Mapped[int | None] = mapped_column(
+        ForeignKey("identities.id", ondelete="SET NULL"))
+    handle: Mapped[str] = mapped_column(String(80))  # kept after a rejection erases it
+    candidate_handle: Mapped[str] = mapped_column(String(80))
+    score: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    decided_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    decided_by: Mapped[str | None] = mapped_column(String(128))
 
 
 class AuditEvent(Base):

@@ -37,18 +37,30 @@ from vault.consent import ConsentRequest, check_use
 from vault.dedupe_index import DedupeIndex, Match
 from vault.errors import (
     AlreadyExists,
+    Conflict,
     DecryptionError,
+    DuplicateIdentity,
     IntegrityError,
     InvalidInput,
     KeyUnavailable,
     NotFound,
+    PhotoRejected,
     SignatureInvalid,
     VaultError,
 )
 from vault.handles import Handle
 from vault.keyprovider import FileKeyProvider, provider_for
 from vault.keystore import KeyStore, RotationReport
-from vault.models import Artifact, Identity, Job, NotSamePair, Owner, VaultMeta, utcnow
+from vault.models import (
+    Artifact,
+    Identity,
+    Job,
+    NotSamePair,
+    Owner,
+    Review,
+    VaultMeta,
+    utcnow,
+)
 
 RECEIPT_TYPE = "idvault.erasure-receipt/1"
 
@@ -61,6 +73,16 @@ class StoredArtifact:
     size: int
     sha256: str
     replaced: str | None
+
+
+@dataclass(frozen=True)
+class EnrollmentResult:
+    handle: str
+    status: str  # active (new identity) | held (pending review) | updated (photos added)
+    artifacts: list[StoredArtifact]
+    top_match: dict | None  # closest other identity: handle, score, decision
+    review_id: int | None
+    photos_added: int
 
 
 @dataclass(frozen=True)
@@ -259,29 +281,36 @@ class Vault:
         with self.session() as s:
             identity = identities.get_identity(s, handle, lock=True)
             check_use(identity.consent, "enroll")
-            artifact_id = str(uuid.uuid4())
-            sealed = self._seal_artifact(identity, artifact_id, kind, decoded.model_id, payload)
-            old = s.scalar(select(Artifact).where(Artifact.identity_id == identity.id,
-                                                  Artifact.kind == kind,
-                                                  Artifact.model_id == decoded.model_id))
-            replaced = old.id if old else None
-            if old is not None:
-                s.delete(old)
-                s.flush()
-            digest = hashlib.sha256(payload).hexdigest()
-            s.add(Artifact(id=artifact_id, identity_id=identity.id, kind=kind,
-                           schema_version=decoded.schema_version, model_id=decoded.model_id,
-                           size=len(payload), sha256=digest, shapes=decoded.shapes,
-                           ciphertext=sealed))
-            audit.append(s, "artifact.write", actor=actor or _actor(),
-                         owner=identity.owner.name, subject=identity.handle,
-                         details={"artifact": artifact_id, "kind": kind,
-                                  "model_id": decoded.model_id, "sha256": digest,
-                                  "replaced": replaced})
-            owner_id, identity_id = identity.owner_id, identity.id
-        if kind == "face" and owner_id in self.index.loaded_owners:
+            stored = self._store(s, identity, decoded, payload, actor=actor or _actor())
+            owner_id, identity_id, status = identity.owner_id, identity.id, identity.status
+        if kind == "face" and status == "active" and owner_id in self.index.loaded_owners:
             self.index.replace(owner_id, decoded.model_id, identity_id,
                                decoded.tensors["normed"])
+        return stored
+
+    def _store(self, s: Session, identity: Identity, decoded: codec.DecodedArtifact,
+               payload: bytes, *, actor: str) -> StoredArtifact:
+        """Seal and add one artifact inside the caller's transaction."""
+        kind = decoded.kind
+        artifact_id = str(uuid.uuid4())
+        sealed = self._seal_artifact(identity, artifact_id, kind, decoded.model_id, payload)
+        old = s.scalar(select(Artifact).where(Artifact.identity_id == identity.id,
+                                              Artifact.kind == kind,
+                                              Artifact.model_id == decoded.model_id))
+        replaced = old.id if old else None
+        if old is not None:
+            s.delete(old)
+            s.flush()
+        digest = hashlib.sha256(payload).hexdigest()
+        s.add(Artifact(id=artifact_id, identity_id=identity.id, kind=kind,
+                       schema_version=decoded.schema_version, model_id=decoded.model_id,
+                       size=len(payload), sha256=digest, shapes=decoded.shapes,
+                       ciphertext=sealed))
+        audit.append(s, "artifact.write", actor=actor, owner=identity.owner.name,
+                     subject=identity.handle,
+                     details={"artifact": artifact_id, "kind": kind,
+                              "model_id": decoded.model_id, "sha256": digest,
+                              "replaced": replaced})
         return StoredArtifact(artifact_id, kind, decoded.model_id, len(payload), digest, replaced)
 
     def get_artifact(self, handle: str, kind: str, *, model_id: str | None = None,
@@ -381,21 +410,173 @@ class Vault:
         matches = self.index.search(owner_row.id, model_id, vectors, k=k, exclude=exclude)
         return self._with_handles(matches)
 
-    def _with_handles(self, matches: list[Match]) -> list[dict]:
+    def _with_handles(self, matches: list[Match], session: Session | None = None) -> list[dict]:
         if not matches:
             return []
-        with self.session() as s:
-            names = dict(s.execute(select(Identity.id, Identity.name).where(
-                Identity.id.in_([m.identity_id for m in matches]))).all())
-            owners = dict(s.execute(select(Identity.id, Owner.name).join(Owner).where(
-                Identity.id.in_([m.identity_id for m in matches]))).all())
-        return [{"handle": f"{owners[m.identity_id]}/{names[m.identity_id]}",
-                 "score": round(m.score, 4), "decision": m.decision}
-                for m in matches if m.identity_id in names]
+        if session is None:
+            with self.session() as s:
+                return self._with_handles(matches, s)
+        ids = [m.identity_id for m in matches]
+        handles = dict(session.execute(
+            select(Identity.id, Owner.name + "/" + Identity.name).join(Owner)
+            .where(Identity.id.in_(ids))).all())
+        return [{"handle": handles[m.identity_id], "score": round(m.score, 4),
+                 "decision": m.decision} for m in matches if m.identity_id in handles]
 
     def record_not_same(self, a: str, b: str, *, actor: str | None = None) -> None:
         with self.session() as s:
             identities.record_not_same(s, a, b, actor=actor or _actor())
+
+    # -- enrollment -----------------------------------------------------------------
+    def store_enrollment(self, handle: str, face: bytes, *,
+                         consent_request: ConsentRequest | None = None,
+                         extra: dict[str, bytes] | None = None,
+                         actor: str | None = None) -> EnrollmentResult:
+        """Dedupe a face artifact and store it (and ``extra`` artifacts) atomically.
+
+        A new identity needs ``consent_request``. Its faces are searched in the
+        owner's index (minus itself and its not-same partners): a score at or
+        above the block threshold raises DuplicateIdentity naming the match;
+        in the review band a new identity is stored ``held`` with a pending
+        review, and an existing one is refused. Photos added to an existing
+        identity must resemble its enrolled photos; they are merged into its
+        face artifact.
+        """
+        actor = actor or _actor()
+        h = Handle.parse(handle)
+        decoded = codec.decode(face, kind="face", max_bytes=self.settings.max_artifact_bytes)
+        extras = {kind: (codec.decode(p, kind=kind, max_bytes=self.settings.max_artifact_bytes),
+                         p) for kind, p in (extra or {}).items()}
+        model_id = decoded.model_id
+        with self.session() as s:
+            owner_id = identities.get_owner(s, h.owner).id
+        if owner_id not in self.index.loaded_owners:
+            self._load_owner_index(owner_id)  # before the write transaction below
+        with self.session() as s:
+            owner = identities.get_owner(s, h.owner)
+            s.execute(select(Owner.id).where(Owner.id == owner.id).with_for_update())
+            try:
+                existing: Identity | None = identities.get_identity(s, h, lock=True)
+            except NotFound:
+                existing = None
+            if existing is None and consent_request is None:
+                raise InvalidInput(f"{h} is a new identity: enrolling it needs a consent "
+                                   "record (--consent FILE.json)")
+            if existing is not None:
+                check_use(existing.consent, "enroll")
+                if existing.status == "held":
+                    raise Conflict(f"{h} is held for review; accept or reject it first "
+                                   "(`idvault review list`)")
+            exclude = set()
+            if existing is not None:
+                exclude = {existing.id} | identities.not_same_partners(s, existing.id)
+            matches = self.index.search(owner.id, model_id, decoded.tensors["normed"], k=3,
+                                        exclude=exclude)
+            top = self._with_handles(matches[:1], s)
+            top_match = top[0] if top else None
+            if top_match and (top_match["decision"] == "block"
+                              or (existing is not None and top_match["decision"] == "review")):
+                hint = ("" if top_match["decision"] == "block" else
+                        f"; if they are different people, run `idvault identity not-same "
+                        f"{h} {top_match['handle']}`")
+                raise DuplicateIdentity(
+                    f"these photos match {top_match['handle']} (similarity "
+                    f"{top_match['score']:.3f}, {top_match['decision']} threshold "
+                    f"{self.settings.dedupe_block if top_match['decision'] == 'block' else self.settings.dedupe_review:.2f})"
+                    f"{hint}", handle=top_match["handle"], score=top_match["score"],
+                    decision=top_match["decision"])
+            if existing is None:
+                identity = identities.create_identity(s, h, consent_request, actor=actor)
+                status = "held" if top_match else "active"
+                identity.status = status
+                payload, added = face, len(decoded.tensors["normed"])
+            else:
+                identity, status = existing, "updated"
+                payload, added = self._merge_faces(identity, decoded, face)
+            stored = [self._store(s, identity, codec.decode(payload, kind="face"), payload,
+                                  actor=actor)]
+            for d, p in extras.values():
+                stored.append(self._store(s, identity, d, p, actor=actor))
+            review_id = None
+            if status == "held":
+                candidate = identities.get_identity(s, top_match["handle"])
+                review = Review(owner_id=owner.id, identity_id=identity.id,
+                                candidate_id=candidate.id, handle=str(h),
+                                candidate_handle=top_match["handle"], score=top_match["score"])
+                s.add(review)
+                s.flush()
+                review_id = review.id
+            audit.append(s, "enroll", actor=actor, owner=owner.name, subject=str(h),
+                         details={"status": status, "photos": added, "model_id": model_id,
+                                  "kinds": [a.kind for a in stored], "review": review_id,
+                                  "top_match": top_match})
+            owner_id, identity_id = owner.id, identity.id
+            final = codec.decode(payload, kind="face").tensors["normed"]
+        if status != "held":
+            self.index.replace(owner_id, model_id, identity_id, final)
+        return EnrollmentResult(str(h), status, stored, top_match, review_id, added)
+
+    def _merge_faces(self, identity: Identity, new: codec.DecodedArtifact,
+                     new_payload: bytes) -> tuple[bytes, int]:
+        """The identity's face artifact with ``new``'s photos appended."""
+        current = [a for a in identity.artifacts
+                   if a.kind == "face" and a.model_id == new.model_id]
+        if not current:
+            return new_payload, len(new.tensors["normed"])
+        old = codec.decode(self._open_artifact(identity, current[0]), kind="face")
+        best = float((new.tensors["normed"] @ old.tensors["normed"].T).max())
+        if best < self.settings.dedupe_review:
+            raise PhotoRejected(
+                f"these photos do not look like {identity.handle}: best similarity to its "
+                f"enrolled photos is {best:.3f} (below {self.settings.dedupe_review:.2f})")
+        raw = np.concatenate([old.tensors["embeddings"], new.tensors["embeddings"]])
+        normed = np.concatenate([old.tensors["normed"], new.tensors["normed"]])
+        mean = normed.mean(0)
+        payload = codec.encode("face", {"embeddings": raw, "normed": normed,
+                                        "mean": mean / np.linalg.norm(mean)},
+                               {**new.metadata}, max_bytes=self.settings.max_artifact_bytes)
+        return payload, len(new.tensors["normed"])
+
+    def list_reviews(self, owner: str | None = None, *, status: str = "pending") -> list[dict]:
+        with self.session() as s:
+            q = select(Review).where(Review.status == status).order_by(Review.id)
+            if owner is not None:
+                q = q.where(Review.owner_id == identities.get_owner(s, owner).id)
+            return [_describe_review(r) for r in s.scalars(q)]
+
+    def decide_review(self, review_id: int, accept: bool, *,
+                      actor: str | None = None) -> dict:
+        """Accept (different people: activate, record a not-same pair) or reject (erase)."""
+        actor = actor or _actor()
+        with self.session() as s:
+            review = s.get(Review, review_id, with_for_update=True)
+            if review is None:
+                raise NotFound(f"no review {review_id}")
+            if review.status != "pending":
+                raise Conflict(f"review {review_id} was already {review.status}")
+            review.status = "accepted" if accept else "rejected"
+            review.decided_at, review.decided_by = utcnow(), actor
+            doc = _describe_review(review)
+            identity = s.get(Identity, review.identity_id) if review.identity_id else None
+            if identity is None:
+                raise NotFound(f"the identity of review {review_id} no longer exists")
+            audit.append(s, "review.accept" if accept else "review.reject", actor=actor,
+                         owner=identity.owner.name, subject=review.handle,
+                         details={"review": review_id, "candidate": review.candidate_handle,
+                                  "score": review.score})
+            if accept:
+                identity.status = "active"
+                if review.candidate_id is not None:
+                    identities.record_not_same(s, review.handle, review.candidate_handle,
+                                               actor=actor)
+            owner_id = identity.owner_id
+        if accept:
+            if owner_id in self.index.loaded_owners:
+                self._load_owner_index(owner_id)
+        else:
+            doc["receipt"] = self.delete_identity(doc["handle"], actor=actor,
+                                                  reason="enrollment rejected in review")
+        return doc
 
     # -- consent ------------------------------------------------------------------------
     def withdraw_consent(self, handle: str, *, reason: str | None = None,
@@ -511,6 +692,14 @@ class Vault:
     def verify_audit(self) -> audit.VerifyResult:
         with self.session() as s:
             return audit.verify(s)
+
+
+def _describe_review(r: Review) -> dict:
+    return {"id": r.id, "handle": r.handle, "candidate": r.candidate_handle,
+            "score": round(r.score, 4), "status": r.status,
+            "created_at": audit.canonical_time(r.created_at),
+            "decided_at": audit.canonical_time(r.decided_at) if r.decided_at else None,
+            "decided_by": r.decided_by}
 
 
 def _canonical(doc: dict) -> bytes:

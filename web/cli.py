@@ -362,8 +362,9 @@ def artifact_get(handle: str, kind: str, output: Path, model_id: str | None, pur
 
 @artifact.command("kinds")
 @click.option("--json", "as_json", is_flag=True, help="Print the schemas as JSON.")
-def artifact_kinds(as_json: bool) -> None:
-    """The declared schema of every artifact kind."""
+@vault_options
+def artifact_kinds(as_json: bool, settings: Settings) -> None:
+    """The declared schema of every artifact kind (needs no vault)."""
     from vault.artifact_kinds import KINDS
 
     docs = {k: s.to_json() for k, s in KINDS.items()}
@@ -421,7 +422,8 @@ def keys_status(settings: Settings) -> None:
 
 
 @keys.command("generate")
-def keys_generate() -> None:
+@vault_options
+def keys_generate(settings: Settings) -> None:
     """Print a new random 256-bit key, base64 (for IDVAULT_KEK with the env provider)."""
     from vault.crypto import new_key
 

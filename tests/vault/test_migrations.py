@@ -27,3 +27,20 @@ def test_open_upgrades_idempotently(vault, settings):
     vault.dispose()
     with Vault.open(settings) as again:  # runs `upgrade head` on an up-to-date DB
         assert again.vault_id == vault.vault_id
+
+
+def test_upgrade_from_first_revision_keeps_data(family, settings):
+    """An existing vault at revision 0001 upgrades in place without losing a row."""
+    from tests.helpers import consent, face_payload
+    from vault.vault import Vault
+
+    family.create_identity("smiths/ana", consent())
+    family.put_artifact("smiths/ana", "face", face_payload())
+    db.downgrade(family.engine, "data", "0001")
+    assert db.current_revision(family.engine) == "0001"
+    family.dispose()
+    with Vault.open(settings) as v:
+        assert db.current_revision(v.engine) == db.head_revision("data")
+        assert v.get_artifact("smiths/ana", "face").artifact.shapes["normed"] == [2, 512]
+        assert v.describe("smiths/ana")["consent"]["subject"] == "Ana Smith"
+        assert v.verify_audit().ok
