@@ -487,7 +487,7 @@ class Vault:
                     decision=top_match["decision"])
             if existing is None:
                 identity = identities.create_identity(s, h, consent_request, actor=actor)
-                status = "held" if top_match else "active"
+                status = "held" if top_match and top_match["decision"] == "review" else "active"
                 identity.status = status
                 payload, added = face, len(decoded.tensors["normed"])
             else:

@@ -10,96 +10,23 @@ documents every command; tests/web/test_docs.py fails when the two disagree.
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from vault import errors
-from vault.config import KEY_PROVIDERS, Settings
-
-# Most specific first: the first class an error is an instance of wins.
-EXIT_CODES: list[tuple[type[errors.VaultError], int]] = [
-    (errors.AuditChainBroken, 3),
-    (errors.IntegrityError, 3),
-    (errors.KeyUnavailable, 4),
-    (errors.ConsentError, 5),
-    (errors.NotFound, 6),
-    (errors.AlreadyExists, 7),
-    (errors.InvalidInput, 8),
-    (errors.ModelUnavailable, 9),
-    (errors.VaultError, 1),
-]
-
-
-def exit_code(error: errors.VaultError) -> int:
-    return next(code for cls, code in EXIT_CODES if isinstance(error, cls))
-
-
-def vault_options(fn: Callable) -> Callable:
-    """Add the options that locate a vault and build ``Settings`` from them."""
-
-    @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-                  help="Vault folder [env IDVAULT_DATA_DIR; default: per-user data dir].")
-    @click.option("--database-url", default=None,
-                  help="SQLAlchemy URL of the data DB [env IDVAULT_DATABASE_URL; "
-                       "default: sqlite in the data dir].")
-    @click.option("--keystore-url", default=None,
-                  help="SQLAlchemy URL of the key store [env IDVAULT_KEYSTORE_URL; default: "
-                       "keystore.db in the data dir]. Keep it apart from the data DB.")
-    @click.option("--key-provider", type=click.Choice(KEY_PROVIDERS), default=None,
-                  help="Where the key-encryption key comes from [env IDVAULT_KEY_PROVIDER; "
-                       "default: file].")
-    @click.option("--key-file", type=click.Path(path_type=Path), default=None,
-                  help="Key file for the file provider [env IDVAULT_KEY_FILE; default: "
-                       "DATA_DIR/master.key].")
-    @functools.wraps(fn)
-    def wrapper(*args, data_dir, database_url, keystore_url, key_provider, key_file, **kwargs):
-        settings = Settings.from_env(data_dir=data_dir, database_url=database_url,
-                                     keystore_url=keystore_url, key_provider=key_provider,
-                                     key_file=key_file)
-        return fn(*args, settings=settings, **kwargs)
-
-    return wrapper
-
-
-def open_vault(settings: Settings, *, check_keys: bool = True):
-    from vault.vault import Vault
-
-    return Vault.open(settings, check_keys=check_keys)
-
-
-def emit(doc: object, as_json: bool, text: Callable[[], str] | None = None) -> None:
-    if as_json or text is None:
-        click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
-    else:
-        click.echo(text())
-
-
-def progress_bar(desc: str, unit: str = "it"):
-    """A tqdm bar on stderr as a ``progress(done, total)`` callback."""
-    from tqdm import tqdm
-
-    bar = tqdm(desc=desc, unit=unit, file=sys.stderr, disable=None, leave=False)
-
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    update.close = bar.close  # type: ignore[attr-defined]
-    return update
-
-
-class Group(click.Group):
-    """A click group that lists commands in the order they were added."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(self.commands)
+from vault.config import Settings
+from web.cli_common import (
+    Group,
+    emit,
+    exit_code,
+    open_vault,
+    progress_bar,
+    vault_options,
+)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"],
@@ -519,9 +446,15 @@ def demo(data_dir: Path | None) -> None:
     run_demo(data_dir)
 
 
+from web.cli_faces import register as _register_face_commands  # noqa: E402
+
+_register_face_commands(cli)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        cli.main(args=argv, prog_name="idvault", standalone_mode=False)
+        # Not standalone: click then returns a command's explicit exit code.
+        result = cli.main(args=argv, prog_name="idvault", standalone_mode=False)
     except errors.VaultError as exc:
         click.echo(f"error: {exc}", err=True)
         return exit_code(exc)
@@ -542,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: unexpected {type(exc).__name__}: {exc} "
                    "(set IDVAULT_DEBUG=1 for a traceback)", err=True)
         return 1
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""``idvault demo``: the main job end to end on a throwaway vault.
+"""``idvault demo``: the main job end to end on a throwaway vault, offline.
 
-Uses synthetic embeddings (no models needed) so it runs on a fresh machine in
-seconds: init, owners, identities with consent, sealed artifacts, a duplicate
-caught and a twin pair accepted, lookups by handle, key rotation, consent
-withdrawal and erasure with signed receipts, and an audit check.
+Writes the tiny stand-in models (no real likeness: the detector finds only
+drawn synthetic faces), draws a few synthetic people, and narrates: init,
+owners, enrollment with consent, a duplicate caught, a twin pair held for
+review and accepted, lookups by handle, 1:1 verification and 1:N search, key
+rotation, consent withdrawal and erasure with signed receipts, an audit check.
 """
 
 from __future__ import annotations
@@ -14,29 +15,21 @@ import tempfile
 from pathlib import Path
 
 import click
-import numpy as np
 
-from vault import codec
 from vault.config import Settings
 from vault.consent import ConsentRequest
+from vault.errors import DuplicateIdentity
 from vault.vault import Vault
 
-
-def _face_payload(center: np.ndarray, rng: np.random.Generator, photos: int = 3) -> bytes:
-    raw = center + 0.35 * rng.normal(size=(photos, 512)).astype(np.float32)
-    raw = raw.astype(np.float32) * 20.0  # raw ArcFace embeddings have norms ~20
-    normed = raw / np.linalg.norm(raw, axis=1, keepdims=True)
-    mean = normed.mean(0)
-    return codec.encode("face", {"embeddings": raw, "normed": normed,
-                                 "mean": mean / np.linalg.norm(mean)},
-                        {"model_id": "demo-synthetic"})
+PEOPLE = {"ana": 1, "ben": 2, "cleo": 3}
+TWIN = ("dan", 4, (3, 0.4))  # Dan shares 40% of Cleo's look: a twin, not a duplicate
 
 
-def _consent(subject: str, guardian: str | None = None, *purposes: str) -> ConsentRequest:
+def _consent(subject: str, guardian: str | None = None) -> ConsentRequest:
     return ConsentRequest.from_dict({
         "subject": subject, "given_by": "guardian" if guardian else "self",
         **({"guardian_name": guardian} if guardian else {}),
-        "purposes": ["enroll", *purposes],
+        "purposes": ["enroll", "generate"],
         "retain_until": (dt.date.today() + dt.timedelta(days=3 * 365)).isoformat(),
         "evidence_sha256": hashlib.sha256(f"signed form of {subject}".encode()).hexdigest(),
     })
@@ -46,66 +39,107 @@ def step(n: int, text: str) -> None:
     click.secho(f"\n[{n}] {text}", bold=True)
 
 
+def _photos(folder: Path, name: str, person: int, n: int, start: int = 0,
+            kin: tuple[int, float] | None = None) -> list[Path]:
+    from PIL import Image
+
+    from encoders.synthetic_faces import synthetic_face
+
+    paths = []
+    for i in range(start, start + n):
+        path = folder / f"{name}_{i}.png"
+        Image.fromarray(synthetic_face(person, i, kin=kin)).save(path)
+        paths.append(path)
+    return paths
+
+
 def run_demo(data_dir: Path | None = None) -> None:
+    from encoders.enrollment import Enroller
+    from encoders.face_analyzer import FaceAnalyzer
+    from encoders.tiny_models import write_tiny_face_pack
+
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="idvault-demo-"))
-    rng = np.random.default_rng(7)
-    people = {name: rng.normal(size=512).astype(np.float32)
-              for name in ("ana", "ben", "cleo", "dan")}
-    people["dan"] = people["cleo"] + 1.2 * rng.normal(size=512).astype(np.float32)  # twins
+    models, photos = data_dir / "models", data_dir / "photos"
+    photos.mkdir(parents=True, exist_ok=True)
 
-    step(1, f"init a vault in {data_dir} (SQLite + separate key store + key file 0600)")
-    vault = Vault.init(Settings(data_dir=data_dir), actor="demo")
-    click.echo(f"    vault {vault.vault_id}")
+    step(1, f"offline models and synthetic people in {data_dir}")
+    write_tiny_face_pack(models / "models" / "buffalo_l")
+    click.echo("    tiny buffalo_l-layout face pack: stand-ins with NO real likeness; they "
+               "detect only drawn synthetic faces")
 
-    step(2, "owners: the Smith family and Northlight studio")
+    step(2, "init a vault (SQLite + separate key store + key file 0600), two owners")
+    vault = Vault.init(Settings(data_dir=data_dir / "vault"), actor="demo")
     vault.add_owner("smiths", "family", actor="demo")
     vault.add_owner("northlight", "studio", erase_policy="retain", actor="demo")
+    enroller = Enroller(vault, FaceAnalyzer.from_models_dir(models))
+    click.echo(f"    vault {vault.vault_id}; face model {enroller.model_id}")
 
-    step(3, "identities with consent, face artifacts sealed under per-identity keys")
-    for name, guardian in (("ana", "Maria Smith"), ("ben", None), ("cleo", None)):
-        vault.create_identity(f"smiths/{name}", _consent(f"{name.title()} Smith", guardian,
-                                                          "generate"), actor="demo")
-        stored = vault.put_artifact(f"smiths/{name}", "face",
-                                    _face_payload(people[name], rng), actor="demo")
-        click.echo(f"    smiths/{name}: face artifact {stored.id[:8]} ({stored.size} B payload, sealed)")
+    step(3, "enroll the Smiths from photos, with consent (Ana's given by her guardian)")
+    for name, person in PEOPLE.items():
+        guardian = "Maria Smith" if name == "ana" else None
+        report = enroller.enroll(f"smiths/{name}", _photos(photos, name, person, 3),
+                                 consent=_consent(f"{name.title()} Smith", guardian),
+                                 actor="demo")
+        scores = ", ".join(f"{p.det_score:.2f}" for p in report.photos)
+        click.echo(f"    {report.handle:<12} {len(report.photos)} photos (detector {scores}), "
+                   f"face artifact sealed under its own key")
 
-    step(4, "a second enrollment of Ana's face is caught as a duplicate")
-    probe = codec.decode(_face_payload(people["ana"], rng)).tensors["normed"]
-    for m in vault.search_faces("smiths", probe, k=2):
-        click.echo(f"    {m['handle']:<14} score {m['score']:.3f} -> {m['decision']}")
+    step(4, "someone enrolls Ana again as 'annie': caught as a duplicate")
+    try:
+        enroller.enroll("smiths/annie", _photos(photos, "annie", PEOPLE["ana"], 2, start=10),
+                        consent=_consent("Annie"), actor="demo")
+    except DuplicateIdentity as exc:
+        click.echo(f"    refused: {exc}")
 
-    step(5, "Dan is Cleo's twin: flagged for review, then recorded as not the same person")
-    dan = codec.decode(_face_payload(people["dan"], rng)).tensors["normed"]
-    top = vault.search_faces("smiths", dan, k=1)[0]
-    click.echo(f"    before: {top['handle']} score {top['score']:.3f} -> {top['decision']}")
-    vault.create_identity("smiths/dan", _consent("Dan Smith", None, "generate"), actor="demo")
-    vault.put_artifact("smiths/dan", "face", _face_payload(people["dan"], rng), actor="demo")
-    vault.record_not_same("smiths/cleo", "smiths/dan", actor="demo")
-    after = vault.search_faces("smiths", dan, k=1, exclude_identity="smiths/dan")
-    click.echo(f"    after:  closest is {after[0]['handle'] if after else '-'}: "
-               f"{after[0]['decision'] if after else 'no match'} (the twin pair is excluded)")
+    step(5, "Dan is Cleo's twin: held for review, then accepted as a different person")
+    name, person, kin = TWIN
+    held = enroller.enroll(f"smiths/{name}", _photos(photos, name, person, 3, kin=kin),
+                           consent=_consent("Dan Smith"), actor="demo")
+    m = held.top_match
+    click.echo(f"    {held.status}: resembles {m['handle']} (similarity {m['score']:.3f}, "
+               f"review band) -> review #{held.review_id}")
+    vault.decide_review(held.review_id, accept=True, actor="demo")
+    click.echo("    accepted: smiths/dan is active; the pair is never flagged again")
 
-    step(6, "look identities up by handle; decrypt for generation (audited)")
+    step(6, "look identities up by handle; decrypt for generation (consent-checked, audited)")
+    for handle in ("smiths/ana", "smiths/dan"):
+        doc = vault.describe(handle)
+        click.echo(f"    @{handle}: {doc['status']}, consent {doc['consent']['status']} "
+                   f"({', '.join(doc['consent']['purposes'])})")
     opened = vault.get_artifact("smiths/ana", "face", purpose="generate", actor="demo")
-    click.echo(f"    @smiths/ana -> {opened.artifact.shapes} from {opened.artifact.model_id}")
+    click.echo(f"    @smiths/ana face artifact -> {opened.artifact.shapes}")
 
-    step(7, "rotate the key-encryption key: data keys re-wrapped, artifacts untouched")
+    step(7, "1:1 verification and 1:N search with new photos")
+    [new_ana] = _photos(photos, "ana_new", PEOPLE["ana"], 1, start=20)
+    [new_ben] = _photos(photos, "ben_new", PEOPLE["ben"], 1, start=20)
+    for photo in (new_ana, new_ben):
+        v = enroller.verify("smiths/ana", photo, actor="demo")
+        click.echo(f"    {photo.name} vs smiths/ana: {v['decision']} (best {v['best']:.3f})")
+    hits = enroller.search("smiths", new_ben, k=2)["matches"]
+    click.echo("    search " + new_ben.name + ": " + ", ".join(
+        f"{h['handle']} {h['score']:.3f} {h['decision']}" for h in hits))
+
+    step(8, "rotate the key-encryption key: data keys re-wrapped, artifacts untouched")
     report = vault.rotate_keys(actor="demo")
     click.echo(f"    KEK v{report.to_version} active, {report.rewrapped} keys re-wrapped")
 
-    step(8, "Ben withdraws consent: blocked at once and erased (family policy: immediate)")
+    step(9, "Ben withdraws consent: blocked at once and erased (family policy: immediate)")
     result = vault.withdraw_consent("smiths/ben", reason="changed his mind", actor="demo")
-    click.echo(f"    receipt signed {result['receipt']['signature']['alg']}: "
-               f"{len(result['receipt']['receipt']['artifacts'])} artifact(s), data key shredded")
+    click.echo(f"    erased; receipt signed {result['receipt']['signature']['alg']}, data key "
+               f"shredded: {result['receipt']['receipt']['data_key']['shredded']}")
 
-    step(9, "erase Ana on request; verify the signed receipt")
+    step(10, "erase Ana on request; verify the signed receipt; search no longer finds her")
     receipt = vault.delete_identity("smiths/ana", actor="demo")
     checked = vault.verify_receipt(receipt)
     click.echo(f"    receipt verified: {checked['handle']} erased at {checked['erased_at']}")
+    hits = enroller.search("smiths", new_ana, k=1)["matches"]
+    click.echo(f"    search {new_ana.name}: closest is now "
+               f"{hits[0]['handle']} ({hits[0]['decision']})")
 
-    step(10, "verify the audit chain")
+    step(11, "verify the audit chain")
     res = vault.verify_audit()
     click.echo(f"    {res.events} events, chain intact: {res.ok}")
     vault.dispose()
-    click.secho(f"\ndone. Explore it: idvault --help, e.g. "
-                f"idvault identity list --data-dir {data_dir}", fg="green")
+    click.secho(f"\ndone. Try the CLI on it:\n  export IDVAULT_DATA_DIR={data_dir / 'vault'} "
+                f"IDVAULT_MODELS={models}\n  idvault identity list\n  idvault verify-face "
+                f"smiths/cleo {photos / 'cleo_0.png'}", fg="green")

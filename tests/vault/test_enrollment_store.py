@@ -16,6 +16,10 @@ SIB = ANA + 1.2 * RNG.normal(size=512)
 def test_new_identity_enrolled_and_indexed(family):
     r = family.store_enrollment("smiths/ana", face_payload(ANA), consent_request=consent())
     assert (r.status, r.photos_added, r.top_match) == ("active", 2, None)
+    # An unrelated person is enrolled too; the closest match is reported as "new".
+    r = family.store_enrollment("smiths/ben", face_payload(BEN), consent_request=consent())
+    assert (r.status, r.top_match["handle"], r.top_match["decision"]) == (
+        "active", "smiths/ana", "new")
     probe = codec.decode(face_payload(ANA, seed=5)).tensors["normed"]
     assert family.search_faces("smiths", probe)[0]["handle"] == "smiths/ana"
 

@@ -119,4 +119,7 @@ def test_console_script_runs_as_a_process(tmp_path):
 def test_demo_runs(tmp_path, capsys):
     assert main(["demo", "--data-dir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "-> block" in out and "-> review" in out and "chain intact: True" in out
+    assert "refused: these photos match smiths/ana" in out
+    assert "held: resembles smiths/cleo" in out and "accepted: smiths/dan is active" in out
+    assert "ben_new_20.png vs smiths/ana: different" in out
+    assert "closest is now smiths/dan (new)" in out and "chain intact: True" in out

@@ -26,7 +26,8 @@ from vault.config import ENV_VARS, KEY_PROVIDERS, Settings
 from vault.consent import FIELDS, GIVEN_BY, PURPOSES, ConsentRequest
 from vault.keyprovider import EnvKeyProvider, PassphraseKeyProvider
 from vault.models import ERASE_POLICIES
-from web.cli import EXIT_CODES, cli, main
+from web.cli import cli, main
+from web.cli_common import EXIT_CODES
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"

@@ -1,0 +1,101 @@
+"""The enrollment flow with the tiny face pack: photos in, identities out."""
+
+import numpy as np
+import pytest
+
+from encoders.enrollment import Enroller, face_model_id
+from encoders.synthetic_faces import SyntheticFace, synthetic_face, synthetic_photo
+from tests.helpers import consent
+from vault.errors import DuplicateIdentity, InvalidInput, PhotoRejected
+
+
+@pytest.fixture
+def enroller(family, analyzer):
+    return Enroller(family, analyzer)
+
+
+def photos(person, n, start=0):
+    return [synthetic_face(person, start + i) for i in range(n)]
+
+
+def test_enroll_stores_face_artifact_tied_to_the_weights(enroller, family):
+    report = enroller.enroll("smiths/ana", photos(1, 3), consent=consent())
+    assert report.status == "active" and len(report.photos) == 3
+    assert all(p.faces_found == 1 and p.det_score > 0.6 for p in report.photos)
+    art = family.get_artifact("smiths/ana", "face").artifact
+    assert art.shapes == {"embeddings": [3, 512], "normed": [3, 512], "mean": [512]}
+    assert art.model_id == face_model_id(enroller.analyzer)
+    assert art.model_id.startswith("buffalo_l/w600k_r50.onnx@")
+    np.testing.assert_allclose(np.linalg.norm(art.tensors["normed"], axis=1), 1, atol=1e-5)
+
+
+def test_duplicate_blocked_with_handle_and_score(enroller, family):
+    enroller.enroll("smiths/ana", photos(1, 2), consent=consent())
+    with pytest.raises(DuplicateIdentity) as exc:
+        enroller.enroll("smiths/annie", photos(1, 1, start=7), consent=consent())
+    assert exc.value.handle == "smiths/ana" and exc.value.score > 0.9
+    assert [i["handle"] for i in family.list_identities("smiths")] == ["smiths/ana"]
+
+
+def test_a_bad_photo_stores_nothing_and_every_problem_is_listed(enroller, family):
+    two = synthetic_photo([SyntheticFace(2, center=(0.3, 0.5), radius=0.2),
+                           SyntheticFace(3, center=(0.72, 0.5), radius=0.2)], 5, (256, 400))
+    blank = synthetic_photo([], 6, 256)
+    with pytest.raises(PhotoRejected) as exc:
+        enroller.enroll("smiths/ben", [synthetic_face(2, 0), two, blank, b"junk"],
+                        names=["ok.jpg", "two.png", "blank.png", "junk.bin"], consent=consent())
+    rejected = exc.value.details["photos"]
+    assert set(rejected) == {"two.png", "blank.png", "junk.bin"}
+    assert "found 2 faces" in rejected["two.png"] and "no face" in rejected["blank.png"]
+    assert family.list_identities() == []
+    # Picking the larger face makes the two-person photo usable.
+    report = enroller.enroll("smiths/ben", [synthetic_face(2, 0), two], pick="largest",
+                             consent=consent())
+    assert report.photos[1].faces_found == 2
+
+
+def test_reenrollment_updates_embeddings_and_index(enroller, family):
+    enroller.enroll("smiths/ana", photos(1, 2), consent=consent())
+    report = enroller.enroll("smiths/ana", photos(1, 2, start=10))
+    assert (report.status, len(report.photos)) == ("updated", 2)
+    assert family.get_artifact("smiths/ana", "face").artifact.shapes["normed"] == [4, 512]
+    with pytest.raises(PhotoRejected, match="do not look like smiths/ana"):
+        enroller.enroll("smiths/ana", photos(4, 1))
+
+
+def test_verify_and_search_then_delete_removes_from_search(enroller, family):
+    enroller.enroll("smiths/ana", photos(1, 2), consent=consent())
+    enroller.enroll("smiths/ben", photos(2, 2), consent=consent())
+    same = enroller.verify("smiths/ana", synthetic_face(1, 30))
+    other = enroller.verify("smiths/ana", synthetic_face(2, 30))
+    assert same["decision"] == "same" and other["decision"] == "different"
+    assert len(same["scores"]) == 2
+    found = enroller.search("smiths", synthetic_face(2, 31))["matches"]
+    assert found[0]["handle"] == "smiths/ben" and found[0]["decision"] == "block"
+    family.delete_identity("smiths/ben")
+    found = enroller.search("smiths", synthetic_face(2, 31))["matches"]
+    assert [m["handle"] for m in found] == ["smiths/ana"] and found[0]["decision"] == "new"
+
+
+def test_only_known_kinds(enroller):
+    with pytest.raises(InvalidInput, match="enrollment computes these kinds: face"):
+        enroller.enroll("smiths/ana", photos(1, 1), consent=consent(),
+                        kinds=["face", "dreambooth"])
+
+
+def test_progress_is_reported(enroller):
+    seen = []
+    enroller.enroll("smiths/ana", photos(1, 3), consent=consent(),
+                    progress=lambda stage, done, total: seen.append((stage, done, total)))
+    assert ("analysing photos", 3, 3) in seen and ("dedupe and store", 1, 1) in seen
+
+
+def test_twin_is_held_for_review_then_accepted(enroller, family):
+    enroller.enroll("smiths/cleo", photos(3, 3), consent=consent())
+    twin = [synthetic_face(4, i, kin=(3, 0.4)) for i in range(3)]
+    held = enroller.enroll("smiths/dan", twin, consent=consent())
+    assert held.status == "held" and held.top_match["handle"] == "smiths/cleo"
+    assert 0.5 <= held.top_match["score"] < 0.7
+    family.decide_review(held.review_id, accept=True)
+    more = enroller.enroll("smiths/dan", [synthetic_face(4, 9, kin=(3, 0.4))])
+    assert more.status == "updated"  # the twin pair is no longer flagged

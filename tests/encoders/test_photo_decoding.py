@@ -1,0 +1,165 @@
+"""encoders.photo: safe decoding of untrusted photos."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from encoders.photo import PhotoLimits, load_photo
+from vault.errors import InvalidInput, PhotoRejected
+
+
+def _encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _gradient(h: int = 48, w: int = 64) -> np.ndarray:
+    ys, xs = np.mgrid[0:h, 0:w]
+    return np.stack([xs * 4 % 256, ys * 5 % 256, (xs + ys) * 2 % 256], axis=2).astype(np.uint8)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but holds no pixel data at all."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("fmt, exact", [("PNG", True), ("JPEG", False), ("WEBP", False)])
+def test_decodes_allowed_formats_to_rgb_uint8(fmt: str, exact: bool) -> None:
+    original = _gradient()
+    data = _encode(original, fmt, **({"quality": 95} if not exact else {}))
+    decoded = load_photo(data)
+    assert decoded.shape == (48, 64, 3) and decoded.dtype == np.uint8
+    if exact:
+        np.testing.assert_array_equal(decoded, original)
+    else:
+        assert np.abs(decoded.astype(int) - original).mean() < 8
+
+
+def test_reads_a_path_and_names_it_in_errors(tmp_path: Path) -> None:
+    good = tmp_path / "selfie.png"
+    good.write_bytes(_encode(_gradient(), "PNG"))
+    assert load_photo(good).shape == (48, 64, 3)
+    assert load_photo(str(good)).shape == (48, 64, 3)
+    bad = tmp_path / "holiday.png"
+    bad.write_bytes(b"this is not a picture")
+    with pytest.raises(PhotoRejected) as err:
+        load_photo(bad)
+    assert "holiday.png" in str(err.value) and str(tmp_path) not in str(err.value)
+
+
+def test_exif_orientation_is_applied() -> None:
+    # 60 wide x 30 high: left half red, right half blue; EXIF 6 = rotate 90 clockwise.
+    array = np.zeros((30, 60, 3), np.uint8)
+    array[:, :30] = (255, 0, 0)
+    array[:, 30:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    decoded = load_photo(_encode(array, "JPEG", quality=95, exif=exif))
+    assert decoded.shape == (60, 30, 3)  # now portrait
+    top, bottom = decoded[:25].reshape(-1, 3).mean(0), decoded[35:].reshape(-1, 3).mean(0)
+    assert top[0] > 200 and top[2] < 60  # the red left half is now on top
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_file_is_rejected(fmt: str) -> None:
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)  # incompressible
+    data = _encode(noisy, fmt)
+    with pytest.raises(PhotoRejected) as err:
+        load_photo(data[: len(data) // 2], name="cut.img")
+    message = str(err.value)
+    assert message.startswith("cut.img:") and ("truncated" in message or "corrupt" in message)
+
+
+def test_non_image_is_rejected() -> None:
+    with pytest.raises(PhotoRejected, match="not a readable image"):
+        load_photo(b"%!PS-Adobe-3.0 definitely not a photo" * 10, name="doc")
+
+
+def test_unsupported_format_is_named() -> None:
+    gif = _encode(_gradient(), "GIF")
+    with pytest.raises(PhotoRejected, match="GIF is not supported; use JPEG, PNG or WebP"):
+        load_photo(gif)
+    bmp = _encode(_gradient(), "BMP")
+    with pytest.raises(PhotoRejected, match="BMP is not supported"):
+        load_photo(bmp)
+
+
+def test_decompression_bomb_is_refused_from_the_header() -> None:
+    # 10 gigapixels declared in 50 bytes: PIL's own bomb check fires at open.
+    bomb = _png_header_only(100_000, 100_000)
+    with pytest.raises(PhotoRejected, match="decompression bomb"):
+        load_photo(bomb, name="bomb.png")
+
+
+def test_pixel_limit_is_checked_before_decoding() -> None:
+    # 48 MP declared, no pixel data at all: had anything been decoded the
+    # error would be about truncation, not size.
+    with pytest.raises(PhotoRejected) as err:
+        load_photo(_png_header_only(8000, 6000), name="big.png")
+    assert "8000x6000 is 48.0 megapixels, over the limit of 40.0" in str(err.value)
+    # The limit is configurable.
+    small = _encode(_gradient(), "PNG")
+    with pytest.raises(PhotoRejected, match="megapixels"):
+        load_photo(small, PhotoLimits(max_pixels=1000))
+
+
+def test_oversized_file_is_refused_without_reading_it(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.jpg"
+    with huge.open("wb") as handle:  # sparse: 25 MB on paper, nothing written
+        handle.truncate(25 * 1024 * 1024)
+    expected = r"huge.jpg: the file is 25.0 MB, over the limit of 20.0 MB"
+    with pytest.raises(PhotoRejected, match=expected):
+        load_photo(huge)
+    data = _encode(_gradient(), "PNG")
+    with pytest.raises(PhotoRejected, match="over the limit"):
+        load_photo(data, PhotoLimits(max_bytes=len(data) - 1))
+    assert load_photo(data, PhotoLimits(max_bytes=len(data))).shape == (48, 64, 3)
+
+
+def test_missing_empty_and_wrong_type_inputs(tmp_path: Path) -> None:
+    with pytest.raises(PhotoRejected, match="nowhere.jpg: no such file"):
+        load_photo(tmp_path / "nowhere.jpg")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(PhotoRejected, match="empty.png: the file is empty"):
+        load_photo(empty)
+    with pytest.raises(PhotoRejected, match="not a regular file"):
+        load_photo(tmp_path)
+    with pytest.raises(InvalidInput):
+        load_photo(12345)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput):
+        PhotoLimits(max_bytes=0)
+
+
+def test_sixteen_bit_and_transparent_pngs_convert_sensibly() -> None:
+    grey16 = (np.arange(64 * 32, dtype=np.uint32).reshape(32, 64) * 32).astype(np.uint16)
+    decoded = load_photo(_encode(grey16, "PNG"))
+    assert decoded.shape == (32, 64, 3)
+    np.testing.assert_array_equal(decoded[:, :, 0], (grey16 >> 8).astype(np.uint8))
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    rgba[:, :5] = (10, 20, 30, 255)  # opaque left half, transparent (black) right half
+    decoded = load_photo(_encode(rgba, "PNG"))
+    assert tuple(decoded[0, 0]) == (10, 20, 30)
+    assert tuple(decoded[0, 9]) == (255, 255, 255)  # transparent shows as white
+
+
+def test_damaged_header_of_an_allowed_format_says_so() -> None:
+    data = _encode(_gradient(), "PNG")
+    for cut in (12, 20, 30):
+        with pytest.raises(PhotoRejected, match="corrupt or truncated PNG header"):
+            load_photo(data[:cut])
