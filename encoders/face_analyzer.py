@@ -315,7 +315,7 @@ def _select(candidates: list[FaceCandidate], pick: Pick, label: str) -> FaceCand
                                 photo=label, faces=n)
         raise PhotoRejected(
             f"{label}: {found} and {len(usable)} are usable; a photo must show one person "
-            f"clearly, or pick one (pick='largest' or an index 0-{n - 1}, left to right): "
+            f"clearly, or pick one ('largest', or an index 0-{n - 1} from left to right; CLI: --pick): "
             f"{listing}",
             photo=label, faces=n,
         )

@@ -356,7 +356,9 @@ class Vault:
         with self.session() as s:
             rows = s.execute(
                 select(Identity, Artifact).join(Artifact, Artifact.identity_id == Identity.id)
-                .where(Identity.owner_id == owner_id, Identity.status == "active",
+                # Held identities are indexed too: a third enrollment of a held
+                # person must still be caught.
+                .where(Identity.owner_id == owner_id, Identity.status.in_(("active", "held")),
                        Artifact.kind == "face")
                 .options(selectinload(Identity.owner))).all()
             deks = self.keys.all_deks({i.uid for i, _ in rows})
@@ -462,6 +464,9 @@ class Vault:
             if existing is None and consent_request is None:
                 raise InvalidInput(f"{h} is a new identity: enrolling it needs a consent "
                                    "record (--consent FILE.json)")
+            if existing is not None and consent_request is not None:
+                raise InvalidInput(f"{h} already exists with its consent record; adding photos "
+                                   "takes no new consent (omit --consent)")
             if existing is not None:
                 check_use(existing.consent, "enroll")
                 if existing.status == "held":
@@ -512,15 +517,21 @@ class Vault:
                                   "top_match": top_match})
             owner_id, identity_id = owner.id, identity.id
             final = codec.decode(payload, kind="face").tensors["normed"]
-        if status != "held":
-            self.index.replace(owner_id, model_id, identity_id, final)
+        self.index.replace(owner_id, model_id, identity_id, final)
         return EnrollmentResult(str(h), status, stored, top_match, review_id, added)
 
     def _merge_faces(self, identity: Identity, new: codec.DecodedArtifact,
                      new_payload: bytes) -> tuple[bytes, int]:
         """The identity's face artifact with ``new``'s photos appended."""
-        current = [a for a in identity.artifacts
-                   if a.kind == "face" and a.model_id == new.model_id]
+        faces = [a for a in identity.artifacts if a.kind == "face"]
+        current = [a for a in faces if a.model_id == new.model_id]
+        if not current and faces:
+            # Embeddings of different models cannot be compared, so nothing
+            # could vouch that these photos show the same person.
+            raise PhotoRejected(
+                f"cannot check these photos against {identity.handle}: its faces were "
+                f"enrolled with another face model ({', '.join(sorted(a.model_id for a in faces))})"
+                "; enroll with that model's pack")
         if not current:
             return new_payload, len(new.tensors["normed"])
         old = codec.decode(self._open_artifact(identity, current[0]), kind="face")

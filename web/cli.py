@@ -436,6 +436,11 @@ def receipt_verify(file: Path, settings: Settings) -> None:
                f"{r['data_key']['shredded']})")
 
 
+from web.cli_faces import register as _register_face_commands  # noqa: E402
+
+_register_face_commands(cli)
+
+
 @cli.command()
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Where to build the demo vault (default: a new temporary folder).")
@@ -444,11 +449,6 @@ def demo(data_dir: Path | None) -> None:
     from web.demo import run_demo
 
     run_demo(data_dir)
-
-
-from web.cli_faces import register as _register_face_commands  # noqa: E402
-
-_register_face_commands(cli)
 
 
 def main(argv: list[str] | None = None) -> int:

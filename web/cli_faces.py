@@ -16,9 +16,9 @@ from vault import errors
 from vault.config import Settings
 from web.cli_common import Group, emit, open_vault, vault_options
 
-MODELS_HELP = ("Folder of model files [env IDVAULT_MODELS; default: insightface's "
-               "~/.insightface/models]. A face pack may sit directly in it, in DIR/PACK/ or "
-               "in DIR/models/PACK/.")
+MODELS_HELP = ("Folder of model files [env IDVAULT_MODELS; default: ~/.insightface, "
+               "insightface's own]. A face pack may sit directly in it, in DIR/PACK/ or in "
+               "DIR/models/PACK/.")
 EXIT_DIFFERENT = 11
 
 
@@ -133,7 +133,7 @@ def review() -> None:
 @review.command("list")
 @click.argument("owner_name", metavar="[OWNER]", required=False)
 @click.option("--status", type=click.Choice(["pending", "accepted", "rejected"]),
-              default="pending", show_default=True)
+              default="pending", show_default=True, help="Which reviews to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @vault_options
 def review_list(owner_name: str | None, status: str, as_json: bool, settings: Settings) -> None:

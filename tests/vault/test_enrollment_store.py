@@ -84,3 +84,28 @@ def test_reenrollment_merges_photos_and_checks_likeness(family):
     with pytest.raises(PhotoRejected, match="do not look like smiths/ana"):
         family.store_enrollment("smiths/ana", face_payload(BEN, seed=1))
     assert family.get_artifact("smiths/ana", "face").artifact.shapes["normed"] == [5, 512]
+
+
+def test_held_identity_is_still_caught_as_a_duplicate(family):
+    family.store_enrollment("smiths/ana", face_payload(ANA), consent_request=consent())
+    held = family.store_enrollment("smiths/sis", face_payload(SIB, seed=2),
+                                   consent_request=consent())
+    assert held.status == "held"
+    with pytest.raises(DuplicateIdentity) as exc:
+        family.store_enrollment("smiths/sis2", face_payload(SIB, seed=3),
+                                consent_request=consent())
+    assert exc.value.handle == "smiths/sis"
+
+
+def test_existing_identity_takes_no_new_consent(family):
+    family.store_enrollment("smiths/ana", face_payload(ANA), consent_request=consent())
+    with pytest.raises(InvalidInput, match="takes no new consent"):
+        family.store_enrollment("smiths/ana", face_payload(ANA, seed=4),
+                                consent_request=consent())
+
+
+def test_photos_from_another_face_model_cannot_be_vouched_for(family):
+    family.store_enrollment("smiths/ana", face_payload(ANA), consent_request=consent())
+    with pytest.raises(PhotoRejected, match="another face model"):
+        family.store_enrollment("smiths/ana", face_payload(BEN, model_id="antelopev2"))
+    assert [a["model_id"] for a in family.describe("smiths/ana")["artifacts"]] == ["buffalo_l"]
