@@ -11,9 +11,9 @@ and plain text keep it as the subject word); without one it is
 
 A mention starts at an ``@`` that does not follow a letter, digit, ``_``,
 ``@`` or ``/`` (so ``ana@example.com`` stays plain text) and is followed by
-a handle character; it runs to the next space or punctuation other than
-``/ : - .``, and trailing dots end a sentence rather than the handle
-(``... with @smiths/ana.``). ``'s`` after a handle stays in the text
+a non-space character; it runs to the next white space, quote or one of
+``, ; ! ? ( ) [ ] { } < >``, and trailing dots end a sentence rather than
+the handle (``... with @smiths/ana.``). ``'s`` after a handle stays in the text
 (``@smiths/ana's dog`` -> ``person's dog``). Anything that starts like a
 mention but is not a valid handle is an error naming it, never silently
 plain text: a prompt that meant an identity must not quietly generate a
@@ -38,7 +38,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from vault.errors import ConsentError, Conflict, InvalidHandle, InvalidInput, NotFound
+from vault.errors import Conflict, ConsentError, InvalidHandle, InvalidInput, NotFound
 from vault.handles import Handle
 
 __all__ = [
@@ -148,12 +148,11 @@ def parse_prompt(prompt: str, config: PromptConfig = PromptConfig()) -> ParsedPr
                 f"bad mention {shown!r} at character {start}: {'; '.join(exc.failed_rules)} "
                 "(a mention is @owner/name or @owner/name:classword)",
                 mention=shown, start=start) from None
-        if sep:
-            if not CLASS_WORD.fullmatch(class_word):
-                raise InvalidInput(
-                    f"bad mention {shown!r} at character {start}: the class word after ':' "
-                    "must be one lowercase word (letters and '-', up to 32), e.g. "
-                    "@smiths/ana:girl", mention=shown, start=start)
+        if sep and not CLASS_WORD.fullmatch(class_word):
+            raise InvalidInput(
+                f"bad mention {shown!r} at character {start}: the class word after ':' "
+                "must be one lowercase word (letters and '-', up to 32), e.g. "
+                "@smiths/ana:girl", mention=shown, start=start)
         raw.append((handle, class_word if sep else None, (start, end)))
 
     identities: list[Handle] = []

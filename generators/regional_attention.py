@@ -62,9 +62,9 @@ these processors call, so it composes with them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ class RegionalConfig:
 
     text_mask: str = "hard"  # text-fused tokens: visible where m > 0 ("hard") or log m ("soft")
     image_mask: str = "soft"  # decoupled image tokens: log m ("soft") or m > 0 ("hard")
-    masks: MaskConfig = MaskConfig()  # the feather of the soft masks
+    masks: MaskConfig = field(default_factory=MaskConfig)  # the feather of the soft masks
 
     def __post_init__(self) -> None:
         for name in ("text_mask", "image_mask"):
@@ -139,7 +139,7 @@ class RegionalConditioning:
     # Batch rows whose text carries identity tokens; None: all. With CFG use
     # cfg_text_rows(n): the negative prompt's positions are ordinary words.
     text_rows: tuple[bool, ...] | None = None
-    config: RegionalConfig = RegionalConfig()
+    config: RegionalConfig = field(default_factory=RegionalConfig)
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -309,7 +309,7 @@ class RegionalAttnProcessor(nn.Module):
         cond = self.state.conditioning
         if cond is None or encoder_hidden_states is None:
             return self.fallback(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                 attention_mask=attention_mask, temb=temb, *args, **kwargs)
+                                 attention_mask=attention_mask, temb=temb, **kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -441,7 +441,7 @@ class RegionalAttention:
         return self._originals is not None
 
     # -- install / remove --------------------------------------------------------------
-    def install(self) -> RegionalAttention:
+    def install(self) -> Self:
         if self._originals is not None:
             raise InvalidInput("regional attention is already installed on this UNet")
         originals = dict(self.unet.attn_processors)
@@ -467,7 +467,7 @@ class RegionalAttention:
         self.unet.set_attn_processor(dict(originals))
         self.state.conditioning = None
 
-    def __enter__(self) -> RegionalAttention:
+    def __enter__(self) -> Self:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:
@@ -517,7 +517,3 @@ class RegionalAttention:
                 i = self.order.index(name)
                 p.to_k_ip.weight.copy_(state_dict[f"{i}.to_k_ip.weight"])
                 p.to_v_ip.weight.copy_(state_dict[f"{i}.to_v_ip.weight"])
-
-
-def _finite(x: float) -> bool:  # pragma: no cover - small helper kept for readers
-    return math.isfinite(x)

@@ -36,6 +36,7 @@ with ``from_pretrained``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -55,7 +56,7 @@ __all__ = [
 
 # Words that become single (or few) BPE tokens: prompt vocabulary of the docs,
 # tests and demo, the class words PhotoMaker expands, and PhotoMaker's trigger.
-COMMON_WORDS = tuple(dict.fromkeys("""
+_WORDS = """
 a an the and or of in on at to with by for from under over near into
 is are be this that it its his her their two three four together
 img photo photograph picture portrait image painting drawing sketch illustration render
@@ -73,7 +74,8 @@ red orange yellow green blue purple pink brown black white gray grey gold silver
 hat cap dress shirt jacket coat suit scarf glasses boots
 big small tall short young old happy sad beautiful
 blurry ugly deformed bad anatomy extra fingers text watermark lowres jpeg artifacts
-""".split()))
+"""
+COMMON_WORDS = tuple(dict.fromkeys(_WORDS.split()))
 
 SPECIAL_BOS = "<|startoftext|>"
 SPECIAL_EOS = "<|endoftext|>"
@@ -94,6 +96,19 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Apply merges the way the BPE model does: lowest rank first, leftmost on ties."""
+    symbols = list(symbols)
+    while len(symbols) > 1:
+        best = min(((ranks[p], i) for i, p in enumerate(pairwise(symbols))
+                    if p in ranks), default=None)
+        if best is None:
+            break
+        i = best[1]
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return symbols
+
+
 def tiny_vocab_and_merges(
     words: tuple[str, ...] = COMMON_WORDS,
 ) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -101,30 +116,29 @@ def tiny_vocab_and_merges(
 
     Layout follows CLIP's: the 256 byte symbols, the same with ``</w>`` (end of
     word), then merged pieces, then ``<|startoftext|>`` and ``<|endoftext|>``
-    last. Each word gets a left-to-right chain of merges; where chains of
-    different words compete a word may end up as two pieces, never as an
-    unknown token, since every byte symbol is in the vocabulary.
+    last. Each word (lowercase ASCII) is run through the merges learnt so far
+    and, while it is still in pieces, gets a merge of its first two pieces
+    appended: so every listed word is one token, and since a new merge has the
+    lowest priority it cannot change how an earlier word splits. Anything
+    else falls back to smaller pieces, down to single bytes, which are all
+    in the vocabulary: no prompt produces an unknown token.
     """
     alphabet = list(_bytes_to_unicode().values())
     tokens: list[str] = alphabet + [c + "</w>" for c in alphabet]
     seen = set(tokens)
     # Pairs, not "a b" strings: the tokenizers backend takes (left, right) tuples.
-    merges: list[tuple[str, str]] = []
-    merge_set: set[tuple[str, str]] = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        current = symbols[0]
-        for sym in symbols[1:]:
-            merge = (current, sym)
-            current += sym
-            if merge not in merge_set:
-                merge_set.add(merge)
-                merges.append(merge)
-            if current not in seen:
-                seen.add(current)
-                tokens.append(current)
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            merged = pieces[0] + pieces[1]
+            if merged not in seen:
+                seen.add(merged)
+                tokens.append(merged)
+            pieces = _bpe(pieces, ranks)
     tokens += [SPECIAL_BOS, SPECIAL_EOS]
-    return {t: i for i, t in enumerate(tokens)}, merges
+    return {t: i for i, t in enumerate(tokens)}, list(ranks)
 
 
 def tiny_clip_tokenizer(*, pad_token: str = SPECIAL_EOS):

@@ -1,0 +1,395 @@
+"""Regional identity cross-attention (generators.regional_attention) on a tiny SDXL UNet.
+
+The UNet has SDXL's block structure with tiny widths and random, seed-fixed
+weights (generators.tiny_pipelines). Latents are 8x16 (a 64x128 px image), so
+SDXL's cross-attention runs at 4x8 (/2) and 2x4 (/4), and the non-square
+aspect checks that processors recover each layer's grid from its length.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from generators.layout import Box, Layout, MaskConfig, auto_layout
+from generators.regional_attention import (
+    IdentityTokens,
+    RegionalAttention,
+    RegionalConditioning,
+    RegionalConfig,
+    cfg_text_rows,
+)
+from generators.tiny_pipelines import TinySDXLConfig, build_tiny_sdxl, build_tiny_sdxl_unet
+from vault.errors import InvalidInput
+
+LATENT = (8, 16)
+CROSS = TinySDXLConfig().cross_attention_dim  # 64: the tiny "2048"
+FIRST_ATTN2 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+A, B = "smiths/ana", "smiths/ben"
+# Disjoint halves: A's mask is exactly 0 on the right half, B's on the left.
+HALVES = Layout((A, B), (Box(0, 0, 0.5, 1), Box(0.5, 0, 1, 1)))
+A_TEXT, B_TEXT = (4, 5), (8,)  # text-fused token positions (PhotoMaker style)
+BG, A_IMG, B_IMG = (0, 3), (3, 7), (7, 11)  # StoryMaker style: background block first
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return build_tiny_sdxl_unet()
+
+
+@pytest.fixture(scope="module")
+def regional(unet):
+    ra = RegionalAttention(unet, image_tokens=True, image_scale=0.8)
+    # Random image projections (not the to_k/to_v copies they start as), so a
+    # test cannot pass by confusing the two.
+    g = torch.Generator().manual_seed(7)
+    ra.load_image_projections({k: torch.randn(v.shape, generator=g) * 0.2
+                               for k, v in ra.image_projection_state_dict().items()})
+    return ra
+
+
+def _attn(unet, name: str = FIRST_ATTN2):
+    return unet.get_submodule(name)
+
+
+def _hidden(attn, q_len: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, q_len, attn.to_q.in_features, generator=g)  # (batch, q, C)
+
+
+def _ehs(n_img: int = 0, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 77 + n_img, CROSS, generator=g)  # (batch, 77 + img, cross)
+
+
+def _replace(ehs: torch.Tensor, positions, seed: int = 99) -> torch.Tensor:
+    """A copy with the tokens at ``positions`` (absolute) replaced by other values."""
+    out = ehs.clone()
+    g = torch.Generator().manual_seed(seed)
+    idx = list(positions)
+    out[:, idx] = torch.randn(out[:, idx].shape, generator=g)
+    return out
+
+
+def _run(proc, attn, hidden, ehs):
+    with torch.no_grad():
+        return proc(attn, hidden, encoder_hidden_states=ehs)
+
+
+def _two(text=True, image=True, bg=True, config=None, layout=HALVES,
+         text_rows=None) -> RegionalConditioning:
+    n_img = (B_IMG[1] if image else 0)
+    ids = (IdentityTokens(A, A_TEXT if text else (), A_IMG if image else None),
+           IdentityTokens(B, B_TEXT if text else (), B_IMG if image else None))
+    if image and not bg:  # shift the identity ranges down: no background block
+        ids = (IdentityTokens(A, ids[0].text_positions, (0, 4)),
+               IdentityTokens(B, ids[1].text_positions, (4, 8)))
+        n_img = 8
+    return RegionalConditioning(layout, LATENT, ids, num_image_tokens=n_img,
+                                global_image_tokens=BG if image and bg else None,
+                                text_rows=text_rows, config=config or RegionalConfig())
+
+
+# -- equivalence ---------------------------------------------------------------------
+def test_one_identity_full_frame_equals_diffusers_default(unet, regional) -> None:
+    attn = _attn(unet)
+    hidden, ehs = _hidden(attn, 32), _ehs()
+    full = Layout((A,), (Box(0, 0, 1, 1),))
+    for mode in ("hard", "soft"):
+        regional.conditioning = RegionalConditioning(
+            full, LATENT, (IdentityTokens(A, A_TEXT),), config=RegionalConfig(text_mask=mode))
+        got = _run(regional.processors[FIRST_ATTN2 + ".processor"], attn, hidden, ehs)
+        want = _run(AttnProcessor2_0(), attn, hidden, ehs)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def _decoupled_reference(attn, proc, hidden, ehs, scale):
+    """The official decoupled cross-attention, written out (StoryMaker / IP-Adapter)."""
+    b, heads = hidden.shape[0], attn.heads
+    text, image = ehs[:, :77], ehs[:, 77:]
+
+    def split(x):  # (b, n, inner) -> (b, heads, n, d)
+        return x.view(b, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+    q = split(attn.to_q(hidden))
+    out = F.scaled_dot_product_attention(q, split(attn.to_k(text)), split(attn.to_v(text)))
+    ip = F.scaled_dot_product_attention(q, split(proc.to_k_ip(image)), split(proc.to_v_ip(image)))
+    out = (out + scale * ip).transpose(1, 2).reshape(b, -1, heads * q.shape[-1])
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+@pytest.mark.parametrize("with_bg", [True, False])
+def test_one_identity_full_frame_with_image_tokens_equals_decoupled_formula(
+        unet, regional, with_bg) -> None:
+    attn = _attn(unet)
+    proc = regional.processors[FIRST_ATTN2 + ".processor"]
+    hidden = _hidden(attn, 32)
+    full = Layout((A,), (Box(0, 0, 1, 1),))
+    if with_bg:  # StoryMaker: bg block + one character, one joint softmax over both
+        cond = RegionalConditioning(full, LATENT, (IdentityTokens(A, A_TEXT, (3, 7)),),
+                                    num_image_tokens=7, global_image_tokens=(0, 3))
+        ehs = _ehs(7)
+    else:  # IP-Adapter style: the identity's tokens only
+        cond = RegionalConditioning(full, LATENT, (IdentityTokens(A, (), (0, 4)),),
+                                    num_image_tokens=4)
+        ehs = _ehs(4)
+    regional.conditioning = cond
+    got = _run(proc, attn, hidden, ehs)
+    with torch.no_grad():
+        want = _decoupled_reference(attn, proc, hidden, ehs, 0.8)
+        text_only = _run(AttnProcessor2_0(), attn, hidden, ehs[:, :77])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert (got - text_only).abs().max() > 1e-3  # the image branch contributes
+
+
+# -- locality at the processor ---------------------------------------------------------
+CASES = {
+    "text-fused, hard": {"text": True, "image": False},
+    "text-fused, soft": {"text": True, "image": False,
+                         "config": RegionalConfig(text_mask="soft")},
+    "image tokens + bg, soft": {"text": False, "image": True},
+    "image tokens + bg, hard": {"text": False, "image": True,
+                                "config": RegionalConfig(image_mask="hard")},
+    "image tokens, no bg": {"text": False, "image": True, "bg": False},
+    "both": {"text": True, "image": True},
+}
+
+
+def _a_positions(cond: RegionalConditioning) -> list[int]:
+    a = cond.identities[0]
+    pos = list(a.text_positions)
+    if a.image_tokens:
+        pos += [77 + i for i in range(*a.image_tokens)]
+    return pos
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_replacing_a_tokens_changes_nothing_outside_a_mask(unet, regional, case) -> None:
+    attn = _attn(unet)
+    proc = regional.processors[FIRST_ATTN2 + ".processor"]
+    cond = _two(**CASES[case])
+    regional.conditioning = cond
+    hidden = _hidden(attn, 32)
+    ehs = _ehs(cond.num_image_tokens)
+    before = _run(proc, attn, hidden, ehs)
+    after = _run(proc, attn, hidden, _replace(ehs, _a_positions(cond)))
+    mask_a = torch.from_numpy(cond.masks_for(32)[A])
+    outside, inside = mask_a == 0, mask_a > 0
+    assert outside.sum() == 16 and inside.sum() == 16  # left / right half of a 4x8 grid
+    assert torch.isfinite(before).all() and torch.isfinite(after).all()
+    torch.testing.assert_close(after[:, outside], before[:, outside], atol=1e-6, rtol=0)
+    change = (after - before).abs().amax(dim=(0, 2))  # per query position
+    assert (change[inside] > 1e-5).all(), change
+
+
+def test_scene_and_background_tokens_still_reach_every_pixel(unet, regional) -> None:
+    attn = _attn(unet)
+    proc = regional.processors[FIRST_ATTN2 + ".processor"]
+    cond = _two(text=True, image=True)
+    regional.conditioning = cond
+    hidden = _hidden(attn, 32)
+    ehs = _ehs(cond.num_image_tokens)
+    before = _run(proc, attn, hidden, ehs)
+    for positions in ([1, 2, 3], [77 + i for i in range(*BG)]):  # scene words; bg block
+        change = (_run(proc, attn, hidden, _replace(ehs, positions)) - before).abs().amax((0, 2))
+        assert (change > 1e-5).all(), positions
+
+
+def test_no_bg_pixels_outside_every_region_get_text_only(unet, regional) -> None:
+    """Without global image tokens, uncovered pixels attend to no image token, exactly."""
+    attn = _attn(unet)
+    proc = regional.processors[FIRST_ATTN2 + ".processor"]
+    gap = Layout((A, B), (Box(0, 0, 0.3, 1), Box(0.7, 0, 1, 1)))
+    cond = _two(text=False, image=True, bg=False, layout=gap)
+    regional.conditioning = cond
+    hidden = _hidden(attn, 32)
+    ehs = _ehs(cond.num_image_tokens)
+    got = _run(proc, attn, hidden, ehs)
+    text_only = _run(AttnProcessor2_0(), attn, hidden, ehs[:, :77])
+    masks = cond.masks_for(32)
+    uncovered = torch.from_numpy((masks[A] == 0) & (masks[B] == 0))
+    assert uncovered.sum() == 16  # the middle four columns of the 4x8 grid
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[:, uncovered], text_only[:, uncovered], atol=1e-6, rtol=0)
+    assert (got[:, ~uncovered] - text_only[:, ~uncovered]).abs().max() > 1e-3
+
+
+def test_cfg_negative_rows_are_not_masked(unet, regional) -> None:
+    attn = _attn(unet)
+    proc = regional.processors[FIRST_ATTN2 + ".processor"]
+    regional.conditioning = _two(text=True, image=False, text_rows=cfg_text_rows(1))
+    hidden, ehs = _hidden(attn, 32), _ehs()
+    got = _run(proc, attn, hidden, ehs)
+    plain = _run(AttnProcessor2_0(), attn, hidden, ehs)
+    torch.testing.assert_close(got[0], plain[0], atol=1e-6, rtol=0)  # negative prompt row
+    assert (got[1] - plain[1]).abs().max() > 1e-4  # the identity row is regional
+    regional.conditioning = _two(text=True, image=False, text_rows=(False, True, True))
+    with pytest.raises(InvalidInput, match="text_rows has 3 rows"):
+        _run(proc, attn, hidden, ehs)
+
+
+# -- locality through a full UNet forward ---------------------------------------------------
+def _unet_inputs(batch: int = 2):
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(batch, 4, *LATENT, generator=g)
+    added = {"text_embeds": torch.randn(batch, TinySDXLConfig().projection_dim_2, generator=g),
+             "time_ids": torch.tensor([[64.0, 128, 0, 0, 64, 128]] * batch)}
+    return latents, added
+
+
+def test_unet_forward_first_cross_attention_is_local(unet, regional) -> None:
+    cond = _two(text=True, image=True)
+    ehs = _ehs(cond.num_image_tokens)
+    latents, added = _unet_inputs()
+    outputs = []
+    hook = _attn(unet).register_forward_hook(lambda m, a, out: outputs.append(out.detach()))
+    try:
+        with regional, torch.no_grad():
+            regional.conditioning = cond
+            for e in (ehs, _replace(ehs, _a_positions(cond))):
+                unet(latents, 500, encoder_hidden_states=e, added_cond_kwargs=added)
+    finally:
+        hook.remove()
+    before, after = outputs
+    mask_a = torch.from_numpy(cond.masks_for(before.shape[1])[A])
+    torch.testing.assert_close(after[:, mask_a == 0], before[:, mask_a == 0], atol=1e-6, rtol=0)
+    assert ((after - before).abs().amax((0, 2))[mask_a > 0] > 1e-5).all()
+
+
+def test_every_cross_attention_layer_is_local(unet, regional) -> None:
+    """Capture each attn2's real input in a UNet forward; replay it with A's tokens replaced."""
+    cond = _two(text=True, image=True)
+    ehs = _ehs(cond.num_image_tokens)
+    other = _replace(ehs, _a_positions(cond))
+    latents, added = _unet_inputs()
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [_attn(unet, n.removesuffix(".processor")).register_forward_pre_hook(
+        lambda m, args, n=n: inputs.setdefault(n, args[0].detach()))
+        for n in regional.processors]
+    try:
+        with regional, torch.no_grad():
+            regional.conditioning = cond
+            unet(latents, 500, encoder_hidden_states=ehs, added_cond_kwargs=added)
+            assert set(inputs) == set(regional.processors)
+            grids = set()
+            for name, hidden in inputs.items():
+                attn = _attn(unet, name.removesuffix(".processor"))
+                proc = regional.processors[name]
+                before, after = _run(proc, attn, hidden, ehs), _run(proc, attn, hidden, other)
+                factor, h, w = cond.grid(hidden.shape[1])
+                grids.add((factor, h, w))
+                mask_a = torch.from_numpy(cond.masks_for(hidden.shape[1])[A])
+                torch.testing.assert_close(after[:, mask_a == 0], before[:, mask_a == 0],
+                                           atol=1e-6, rtol=0, msg=name)
+                assert ((after - before).abs().amax((0, 2))[mask_a > 0] > 1e-6).all(), name
+    finally:
+        for h in hooks:
+            h.remove()
+    assert grids == {(2, 4, 8), (4, 2, 4)}  # both SDXL cross-attention resolutions
+
+
+# -- install / remove ---------------------------------------------------------------------
+def test_install_replaces_only_cross_attention_and_remove_restores_the_objects(unet) -> None:
+    latents, added = _unet_inputs()
+    ehs = _ehs()
+    original = dict(unet.attn_processors)
+    with torch.no_grad():
+        base = unet(latents, 500, encoder_hidden_states=ehs, added_cond_kwargs=added).sample
+    ra = RegionalAttention(unet)
+    ra.install()
+    try:
+        now = unet.attn_processors
+        for name, proc in now.items():
+            if name.endswith("attn2.processor"):
+                assert proc is ra.processors[name]
+            else:
+                assert proc is original[name]
+        with pytest.raises(InvalidInput, match="already installed"):
+            ra.install()
+        with torch.no_grad():  # no conditioning: every layer delegates to its original
+            same = unet(latents, 500, encoder_hidden_states=ehs, added_cond_kwargs=added).sample
+        assert torch.equal(same, base)
+    finally:
+        ra.remove()
+    assert all(unet.attn_processors[n] is p for n, p in original.items())
+    assert not any("to_k_ip" in k for k in unet.state_dict())
+    with torch.no_grad():
+        after = unet(latents, 500, encoder_hidden_states=ehs, added_cond_kwargs=added).sample
+    assert torch.equal(after, base)
+    ra.remove()  # idempotent
+
+
+def test_image_projections_survive_reinstall_and_load_strictly(unet) -> None:
+    ra = RegionalAttention(unet, image_tokens=True)
+    sd = ra.image_projection_state_dict()
+    order = list(unet.attn_processors)
+    indices = sorted({int(k.split(".")[0]) for k in sd})
+    assert all(i % 2 == 1 and order[i].endswith("attn2.processor") for i in indices)
+    assert len(indices) == len(ra.processors)
+    new = {k: torch.full_like(v, 0.5) for k, v in sd.items()}
+    ra.load_image_projections({**new, "1.to_q_lora.down.weight": torch.zeros(2)})  # LoRA skipped
+    with ra:
+        assert any(k.endswith("attn2.processor.to_k_ip.weight") for k in unet.state_dict())
+    with ra:
+        assert (ra.processors[order[indices[0]]].to_k_ip.weight == 0.5).all()
+    first = f"{indices[0]}.to_k_ip.weight"
+    with pytest.raises(InvalidInput, match=f"missing key {first}"):
+        ra.load_image_projections({k: v for k, v in new.items() if k != first})
+    with pytest.raises(InvalidInput, match="shape"):
+        ra.load_image_projections({**new, first: torch.zeros(3, 3)})
+    with pytest.raises(InvalidInput, match="unexpected key 0.to_k_ip.weight"):
+        ra.load_image_projections({**new, "0.to_k_ip.weight": new[first]})
+
+
+def test_pipeline_runs_with_regional_attention_and_is_reusable() -> None:
+    pipe = build_tiny_sdxl()
+
+    def generate():
+        return pipe("a girl and a man hiking in the alps", num_inference_steps=2, height=64,
+                    width=128, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    base = generate()
+    ra = RegionalAttention(pipe.unet)
+    with ra:
+        # "girl" (position 2) acts on the left strip, "man" (5) on the right.
+        ra.conditioning = RegionalConditioning(
+            auto_layout((A, B)), LATENT, (IdentityTokens(A, (2,)), IdentityTokens(B, (5,))),
+            text_rows=cfg_text_rows(1), config=RegionalConfig(masks=MaskConfig(feather=0.1)))
+        regional_image = generate()
+    assert regional_image.shape == base.shape == (1, 64, 128, 3)
+    assert abs(regional_image - base).max() > 1e-4
+    assert (generate() == base).all()  # removed: the pipeline is as before
+
+
+# -- validation -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    ({"identities": (IdentityTokens(A, (0,)),)}, "begin-of-text"),
+    ({"identities": (IdentityTokens(A, (77,)),)}, "outside 1..76"),
+    ({"identities": (IdentityTokens(A, (3,)), IdentityTokens(B, (3,)))}, "claimed by"),
+    ({"identities": (IdentityTokens("x/y", (3,)),)}, "no box for"),
+    ({"identities": (IdentityTokens(A, (), (0, 4)),), "num_image_tokens": 6},
+     "belong to no identity"),
+    ({"identities": (IdentityTokens(A, (), (0, 4)),), "num_image_tokens": 6,
+      "global_image_tokens": (3, 6)}, "overlap"),
+    ({"identities": (IdentityTokens(A, (), (2, 9)),), "num_image_tokens": 6}, "not inside"),
+])
+def test_conditioning_validation(kwargs, message) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        RegionalConditioning(HALVES, LATENT, **kwargs)
+
+
+def test_mismatched_sequences_are_refused(unet, regional) -> None:
+    attn = _attn(unet)
+    proc = regional.processors[FIRST_ATTN2 + ".processor"]
+    regional.conditioning = _two(text=False, image=True)
+    with pytest.raises(InvalidInput, match="expects 77 text \\+ 11 image tokens"):
+        _run(proc, attn, _hidden(attn, 32), _ehs(5))
+    with pytest.raises(InvalidInput, match="another image size"):
+        _run(proc, attn, _hidden(attn, 30), _ehs(11))
+    plain = RegionalAttention(unet)  # no image projections
+    plain.conditioning = _two(text=False, image=True)
+    with pytest.raises(InvalidInput, match="no image projections"):
+        _run(plain.processors[FIRST_ATTN2 + ".processor"], attn, _hidden(attn, 32), _ehs(11))
