@@ -199,13 +199,15 @@ def penultimate_hidden_states(model, pixel_values: torch.Tensor) -> torch.Tensor
     return hidden
 
 
-def materialize_position_ids(module: torch.nn.Module, device: torch.device | str) -> None:
+def materialize_position_ids(module: torch.nn.Module, device: torch.device | str, *,
+                             reset: bool = False) -> None:
     """Recreate the non-persistent ``position_ids`` buffers left on the meta device when a
-    module built under ``torch.device('meta')`` is loaded with ``assign=True``."""
+    module built under ``torch.device('meta')`` is loaded with ``assign=True`` (``reset``:
+    also those ``to_empty`` left uninitialised)."""
     for owner in module.modules():
         buffers = owner._buffers
         ids = buffers.get("position_ids")
-        if ids is not None and ids.is_meta:
+        if ids is not None and (ids.is_meta or reset):
             count = ids.shape[-1]
             buffers["position_ids"] = torch.arange(count, device=device).expand((1, -1))
     leftover = [n for n, b in module.named_buffers() if b.is_meta]

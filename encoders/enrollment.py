@@ -3,7 +3,8 @@
 The one library call behind ``idvault enroll`` and the web API::
 
     photos -> decode safely -> exactly one usable face per photo -> ArcFace
-    embeddings -> face artifact -> dedupe + seal + store (Vault.store_enrollment)
+    embeddings -> face artifact (+ PhotoMaker ID embeddings, StoryMaker
+    character tokens when asked) -> dedupe + seal + store (Vault.store_enrollment)
 
 Every photo must yield a face (no silent drops: one error lists each rejected
 photo and why). Long work reports progress through a ``progress(stage, done,
@@ -22,13 +23,15 @@ import numpy as np
 
 from encoders.face_analyzer import FaceAnalyzer, FaceResult, PhotoInput, Pick
 from encoders.face_pack import sha256_file
+from encoders.photo import load_photo
 from vault import codec
 from vault.consent import ConsentRequest
 from vault.errors import InvalidInput, PhotoRejected
 from vault.vault import EnrollmentResult, StoredArtifact, Vault
 
 Progress = Callable[[str, int, int], None]
-ENROLL_KINDS = ("face",)  # kinds computed at enrollment by this version
+# Forward-only kinds computed at enrollment; celeb_basis and lidb are fitted by jobs.
+ENROLL_KINDS = ("face", "photomaker", "storymaker")
 BATCH = 16  # photos analysed per recogniser run (bounds memory, paces progress)
 
 
@@ -90,76 +93,146 @@ class EnrollmentReport:
 
 
 class Enroller:
-    """Runs enrollments, verifications and searches against one vault."""
+    """Runs enrollments, verifications and searches against one vault.
 
-    def __init__(self, vault: Vault, analyzer: FaceAnalyzer) -> None:
+    ``models_dir`` is where the PhotoMaker and StoryMaker checkpoints are looked
+    for (``--models`` / ``IDVAULT_MODELS``); they are loaded on first use.
+    """
+
+    def __init__(self, vault: Vault, analyzer: FaceAnalyzer,
+                 models_dir: Path | str | None = None) -> None:
         self.vault = vault
         self.analyzer = analyzer
+        self.models_dir = models_dir
         self.model_id = face_model_id(analyzer)
+        self._encoders: dict[str, object] = {}
+
+    def encoder(self, kind: str):
+        """The PhotoMaker or StoryMaker encoder, loaded once."""
+        if kind not in self._encoders:
+            if kind == "photomaker":
+                from encoders.photomaker import PhotoMakerEncoder
+
+                self._encoders[kind] = PhotoMakerEncoder.from_models_dir(self.models_dir)
+            elif kind == "storymaker":
+                from encoders.storymaker import StoryMakerEncoder
+
+                self._encoders[kind] = StoryMakerEncoder.from_models_dir(self.models_dir)
+            else:
+                raise InvalidInput(f"no encoder for kind {kind!r}")
+        return self._encoders[kind]
 
     # -- analysis ---------------------------------------------------------------------
     def analyze(self, photos: Sequence[PhotoInput], *, names: Sequence[str] | None = None,
-                pick: Pick = None, progress: Progress | None = None) -> list[FaceResult]:
-        """Analyse every photo in batches; one error lists every rejected photo."""
+                pick: Pick = None, progress: Progress | None = None
+                ) -> tuple[list[np.ndarray], list[FaceResult]]:
+        """Decode and analyse every photo; one error lists every rejected photo.
+
+        Returns the decoded photos (H, W, 3) uint8 RGB and their faces.
+        """
         if not photos:
             raise InvalidInput("no photos given")
-        names = list(names) if names is not None else [
-            Path(p).name if isinstance(p, str | Path) else f"photo {i + 1}"
-            for i, p in enumerate(photos)]
-        results: list[FaceResult] = []
+        names = list(names) if names is not None else [_label(p, i) for i, p in
+                                                         enumerate(photos)]
         rejected: dict[str, str] = {}
-        for start in range(0, len(photos), BATCH):
-            chunk = list(photos[start:start + BATCH])
+        images: list[np.ndarray] = []
+        decoded: list[str] = []  # names of the photos that decoded, in order
+        for photo, name in zip(photos, names, strict=True):
             try:
-                results += self.analyzer.analyze_many(chunk, pick=pick,
-                                                      names=names[start:start + BATCH])
+                images.append(photo if isinstance(photo, np.ndarray) else
+                              load_photo(photo, self.analyzer.config.photo_limits, name=name))
+                decoded.append(name)
             except PhotoRejected as exc:
-                rejected.update(exc.details.get("photos") or {names[start]: str(exc)})
+                rejected[name] = str(exc)
+        results: list[FaceResult] = []
+        # Analyse every photo that decoded, even after a failure, so one error
+        # can list every problem at once.
+        for start in range(0, len(images), BATCH):
+            batch_names = decoded[start:start + BATCH]
+            try:
+                results += self.analyzer.analyze_many(images[start:start + BATCH], pick=pick,
+                                                      names=batch_names)
+            except PhotoRejected as exc:
+                rejected.update(exc.details.get("photos") or {batch_names[0]: str(exc)})
             if progress:
-                progress("analysing photos", min(start + BATCH, len(photos)), len(photos))
+                progress("analysing photos", min(start + BATCH, len(images)), len(images))
         if rejected:
             if len(photos) == 1:
                 raise PhotoRejected(next(iter(rejected.values())), photos=rejected)
             lines = "\n".join(f"  - {why}" for why in rejected.values())
             raise PhotoRejected(f"{len(rejected)} of {len(photos)} photos rejected (nothing "
                                 f"was stored):\n{lines}", photos=rejected)
-        return results
+        return images, results
 
     # -- enrollment -------------------------------------------------------------------
     def enroll(self, handle: str, photos: Sequence[PhotoInput], *,
                consent: ConsentRequest | None = None, kinds: Sequence[str] = ("face",),
                names: Sequence[str] | None = None, pick: Pick = None,
+               masks: dict[str, np.ndarray] | None = None, cloth: np.ndarray | None = None,
                progress: Progress | None = None, actor: str | None = None) -> EnrollmentReport:
-        """Enroll (or add photos to) ``handle``. Raises DuplicateIdentity on a match."""
+        """Enroll (or add photos to) ``handle``. Raises DuplicateIdentity on a match.
+
+        ``masks`` maps photo names to person masks (H, W) for StoryMaker's
+        character crop; the photo with a mask (else the largest face) is its
+        reference. ``cloth`` replaces the character crop with a clothing image.
+        """
+        kinds = list(dict.fromkeys(kinds))
         unknown = [k for k in kinds if k not in ENROLL_KINDS]
         if unknown or "face" not in kinds:
             raise InvalidInput(f"enrollment computes these kinds: {', '.join(ENROLL_KINDS)} "
                                f"(asked for {', '.join(kinds)}); 'face' is always required")
+        labels = list(names) if names is not None else [_label(p, i) for i, p in
+                                                          enumerate(photos)]
+        unknown_masks = sorted(set(masks or {}) - set(labels))
+        if unknown_masks:
+            raise InvalidInput(f"masks given for photos not enrolled: {', '.join(unknown_masks)}")
+        for kind in kinds[1:]:
+            self.encoder(kind)  # a missing checkpoint fails before any work
         t0 = time.perf_counter()
-        results = self.analyze(photos, names=names, pick=pick, progress=progress)
+        images, results = self.analyze(photos, names=labels, pick=pick, progress=progress)
         t1 = time.perf_counter()
+        extra: dict[str, bytes] = {}
+        for n, kind in enumerate(kinds[1:], 1):
+            if progress:
+                progress(f"computing {kind}", n - 1, len(kinds) - 1)
+            extra[kind] = self._encode_kind(kind, images, results, labels, masks or {}, cloth)
+        t2 = time.perf_counter()
         payload = face_payload(results, self.model_id)
         if progress:
             progress("dedupe and store", 0, 1)
         stored: EnrollmentResult = self.vault.store_enrollment(
-            handle, payload, consent_request=consent, actor=actor)
-        t2 = time.perf_counter()
+            handle, payload, consent_request=consent, extra=extra, actor=actor)
+        t3 = time.perf_counter()
         if progress:
             progress("dedupe and store", 1, 1)
-        labels = list(names) if names is not None else [
-            Path(p).name if isinstance(p, str | Path) else f"photo {i + 1}"
-            for i, p in enumerate(photos)]
         summaries = [PhotoSummary(labels[i], r.faces_found, r.face_index, r.det_score,
                                   r.face_px, r.blur) for i, r in enumerate(results)]
         return EnrollmentReport(stored.handle, stored.status, summaries, stored.top_match,
                                 stored.review_id, stored.artifacts,
-                                {"analyse": t1 - t0, "dedupe_seal_store": t2 - t1})
+                                {"analyse": t1 - t0, "encode": t2 - t1,
+                                 "dedupe_seal_store": t3 - t2})
+
+    def _encode_kind(self, kind: str, images: list[np.ndarray], faces: list[FaceResult],
+                     labels: list[str], masks: dict[str, np.ndarray],
+                     cloth: np.ndarray | None) -> bytes:
+        encoder = self.encoder(kind)
+        if kind == "photomaker":
+            tensors, meta = encoder.encode(images, faces, names=labels)
+        else:
+            from encoders.storymaker import pick_reference
+
+            with_mask = [i for i, name in enumerate(labels) if name in masks]
+            i = with_mask[0] if with_mask else pick_reference(faces)
+            tensors, meta = encoder.encode(images[i], faces[i], mask=masks.get(labels[i]),
+                                           cloth=cloth)
+            meta = {**meta, "reference_photo": labels[i]}
+        return codec.encode(kind, tensors, meta)
 
     # -- 1:1 and 1:N ------------------------------------------------------------------
     def verify(self, handle: str, photo: PhotoInput, *, pick: Pick = None,
                actor: str | None = None) -> dict:
         """Is the person in ``photo`` this identity? Scores against each enrolled photo."""
-        [face] = self.analyze([photo], pick=pick)
+        _, [face] = self.analyze([photo], pick=pick)
         stored = self.vault.get_artifact(handle, "face", model_id=self.model_id,
                                          purpose="enroll", actor=actor)
         scores = stored.artifact.tensors["normed"] @ face.normed  # (photos,)
@@ -172,8 +245,12 @@ class Enroller:
 
     def search(self, owner: str, photo: PhotoInput, *, k: int = 5, pick: Pick = None) -> dict:
         """The owner's closest identities to the person in ``photo``."""
-        [face] = self.analyze([photo], pick=pick)
+        _, [face] = self.analyze([photo], pick=pick)
         matches = self.vault.search_faces(owner, face.normed[None], model_id=self.model_id, k=k)
         return {"owner": owner, "matches": matches,
                 "block": self.vault.settings.dedupe_block,
                 "review": self.vault.settings.dedupe_review}
+
+
+def _label(photo: PhotoInput, i: int) -> str:
+    return Path(photo).name if isinstance(photo, str | Path) else f"photo {i + 1}"

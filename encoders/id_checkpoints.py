@@ -5,15 +5,14 @@ official files in their models folder ``DIR`` (``--models DIR``,
 ``IDVAULT_MODELS`` or ``~/.insightface``, as for the face pack; see
 :func:`encoders.face_pack.resolve_models_dir`), under their official names:
 
-=====================  ===================================================  =================
-what                   file or folder                                       where from
-=====================  ===================================================  =================
-PhotoMaker v1          ``photomaker-v1.bin`` / ``photomaker-v1.safetensors``  TencentARC/PhotoMaker
-PhotoMaker v2          ``photomaker-v2.bin`` / ``photomaker-v2.safetensors``  TencentARC/PhotoMaker-V2
-StoryMaker             ``mask.bin``                                          RED-AIGC/StoryMaker
-CLIP ViT-H/14          a ``from_pretrained`` folder: ``clip-vit-h-14``,       laion/CLIP-ViT-H-14-
-(StoryMaker's tower)   ``CLIP-ViT-H-14-laion2B-s32B-b79K`` or ``image_encoder``  laion2B-s32B-b79K
-=====================  ===================================================  =================
+- PhotoMaker v1: ``photomaker-v1.safetensors`` or ``photomaker-v1.bin``
+  (Hugging Face TencentARC/PhotoMaker);
+- PhotoMaker v2: ``photomaker-v2.safetensors`` or ``photomaker-v2.bin``
+  (TencentARC/PhotoMaker-V2);
+- StoryMaker: ``mask.bin`` (RED-AIGC/StoryMaker);
+- StoryMaker's CLIP ViT-H/14 tower: a ``from_pretrained`` folder named
+  ``clip-vit-h-14``, ``CLIP-ViT-H-14-laion2B-s32B-b79K`` or ``image_encoder``
+  (laion/CLIP-ViT-H-14-laion2B-s32B-b79K, or IP-Adapter's ``models/image_encoder``).
 
 Each is looked for in ``DIR``, ``DIR/checkpoints`` and a folder named after
 its Hugging Face repository (``DIR/PhotoMaker``, ``DIR/PhotoMaker-V2``,
@@ -34,7 +33,9 @@ checkpoint file (first 16 hex digits), computed once per file version
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +200,12 @@ def read_pickle_checkpoint(path: Path, what: str) -> dict:
     problem = file_problem(path)
     if problem:
         raise ModelUnavailable(f"{what} {path}: {problem}", path=str(path))
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if not head.startswith((b"PK", b"\x80")):
+        # torch.save writes a zip archive (legacy files: a pickle, which opens with 0x80).
+        raise ModelUnavailable(f"{what} {path}: not a PyTorch checkpoint (neither a torch.save "
+                               "zip archive nor a pickle)", path=str(path))
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -208,17 +215,23 @@ def read_pickle_checkpoint(path: Path, what: str) -> dict:
             # Legacy (non-zip) pickles cannot be memory-mapped.
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure means the same to the user
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            reason = ("refused: it holds Python objects other than tensors (loaded with "
-                      f"torch.load(weights_only=True)): {text}")
-        else:
-            reason = f"cannot be read as a PyTorch checkpoint (truncated or corrupt?): {text}"
-        raise ModelUnavailable(f"{what} {path}: {reason}", path=str(path)) from None
+        raise ModelUnavailable(f"{what} {path}: {_load_failure(exc)}", path=str(path)) from None
     if not isinstance(obj, dict):
         raise ModelUnavailable(f"{what} {path}: holds a {type(obj).__name__}, not a dict of "
                                "state dicts", path=str(path))
     return obj
+
+
+def _load_failure(exc: BaseException) -> str:
+    """torch.load's long messages, cut to what tells the user what is wrong."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found or "Weights only load failed" in text:
+        what = f" ({found.group(1)})" if found else ""
+        return ("refused: it holds Python objects other than tensors" + what
+                + "; idvault reads checkpoints only with torch.load(weights_only=True)")
+    first = text.strip().split(". ")[0].strip().rstrip(".") or type(exc).__name__
+    return f"cannot be read as a PyTorch checkpoint (truncated or corrupt?): {first}"
 
 
 # -- layouts -------------------------------------------------------------------------------
@@ -324,3 +337,22 @@ def inspect_id_checkpoints(models_dir: Path | str | None = None, *, hashes: bool
             digest = folder_digest(path) if spec.is_folder else file_digest(path)
         rows.append(CheckpointStatus(key, spec.description, path, None, size, digest))
     return rows
+
+
+STAND_INS_FILE = "idvault-stand-ins.json"
+
+
+def is_stand_in(path: Path | str) -> bool:
+    """Whether ``path`` is one of idvault's tiny stand-ins (``idvault models tiny``).
+
+    The stand-ins are listed in a sidecar file beside them, so the loaders can
+    use the tiny configuration for exactly those files and the official,
+    strict layout for everything else.
+    """
+    path = Path(path)
+    sidecar = path.parent / STAND_INS_FILE
+    try:
+        listed = json.loads(sidecar.read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return False
+    return path.name in listed

@@ -58,7 +58,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from encoders.clip_vision import (
@@ -74,6 +73,7 @@ from encoders.id_checkpoints import (
     file_digest,
     file_problem,
     find_checkpoint,
+    is_stand_in,
     layout_error,
     read_pickle_checkpoint,
     shapes_of,
@@ -82,11 +82,11 @@ from vault.artifact_kinds import MAX_PHOTOS
 from vault.errors import InvalidInput, ModelUnavailable, PhotoRejected
 
 __all__ = [
+    "MLP",
     "ExpandedPrompt",
     "FacePerceiverResampler",
     "FuseModule",
     "LoraInfo",
-    "MLP",
     "PerceiverAttention",
     "PhotoMakerCheckpoint",
     "PhotoMakerConfig",
@@ -94,12 +94,15 @@ __all__ = [
     "PhotoMakerIDEncoder",
     "QFormerPerceiver",
     "Resampler",
+    "detect_version",
     "expand_class_tokens",
+    "expected_layout",
     "feed_forward",
     "inspect_lora",
     "load_photomaker",
     "lora_rank",
     "peft_lora_key",
+    "read_photomaker_checkpoint",
     "tokens_per_photo",
 ]
 
@@ -513,7 +516,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, tu
     other: list[str] = []
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 if key.startswith("id_encoder."):
                     ids[key[len("id_encoder."):]] = f.get_tensor(key)
                 elif key.startswith("lora_weights."):
@@ -633,12 +636,13 @@ class PhotoMakerEncoder:
     @classmethod
     def from_models_dir(cls, models_dir: Path | str | None = None, *,
                         version: Version | None = None,
-                        config: PhotoMakerConfig = PhotoMakerConfig(),
+                        config: PhotoMakerConfig | None = None,
                         device: torch.device | str | None = None,
                         dtype: torch.dtype = torch.float32, batch_size: int = 8,
                         env: Mapping[str, str] | None = None) -> PhotoMakerEncoder:
         """Find ``photomaker-v2.*`` (preferred) or ``photomaker-v1.*`` and load it;
-        ``version`` insists on one."""
+        ``version`` insists on one. ``config`` defaults to the official sizes, or
+        the tiny ones for files ``idvault models tiny`` wrote."""
         if version is not None:
             _check_version(version)
         wanted = [version] if version else ["v2", "v1"]
@@ -649,8 +653,12 @@ class PhotoMakerEncoder:
             except ModelUnavailable as exc:
                 errors.append(exc)
                 continue
-            return cls.from_checkpoint(path, version=version, config=config, device=device,
-                                       dtype=dtype, batch_size=batch_size)
+            if config is None and is_stand_in(path):
+                from encoders.tiny_id_models import TINY_PHOTOMAKER
+
+                config = TINY_PHOTOMAKER
+            return cls.from_checkpoint(path, version=version, config=config or PhotoMakerConfig(),
+                                       device=device, dtype=dtype, batch_size=batch_size)
         raise ModelUnavailable("\n".join(e.message for e in errors),
                                searched=errors[0].details.get("searched"))
 

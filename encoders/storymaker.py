@@ -73,6 +73,7 @@ from encoders.id_checkpoints import (
     file_digest,
     find_checkpoint,
     folder_digest,
+    is_stand_in,
     layout_error,
     read_pickle_checkpoint,
     shapes_of,
@@ -83,15 +84,20 @@ from vault.errors import InvalidInput, ModelUnavailable, PhotoRejected
 __all__ = [
     "CharacterInputs",
     "FallbackCrop",
+    "StoryMakerCheckpoint",
     "StoryMakerConfig",
     "StoryMakerEncoder",
     "StoryMakerImageProj",
     "character_crop",
     "character_inputs",
+    "cloth_crop",
+    "expected_layout",
     "face_crop",
+    "fallback_box",
     "fallback_crop",
     "load_storymaker",
     "pick_reference",
+    "read_storymaker_checkpoint",
 ]
 
 CROP_SIZE = 224
@@ -246,7 +252,7 @@ def read_storymaker_checkpoint(path: Path | str, config: StoryMakerConfig = Stor
             f"{path}: ip_adapter does not look like StoryMaker's (keys <index>.to_*_lora."
             f"down|up.weight and <index>.to_k_ip|to_v_ip.weight): "
             + (", ".join(bad[:10]) if bad else "it is empty"), path=str(path))
-    ranks = {tuple(v.shape)[0] for k, v in ip.items() if k.endswith("_lora.down.weight")}
+    ranks = {int(v.shape[0]) for k, v in ip.items() if k.endswith("_lora.down.weight")}
     info = StoryMakerCheckpoint(path, file_digest(path), shapes_of(ip),
                                 next(iter(ranks)) if len(ranks) == 1 else None)
     return info, dict(proj)
@@ -451,7 +457,7 @@ class StoryMakerEncoder:
 
     @classmethod
     def from_models_dir(cls, models_dir: Path | str | None = None, *,
-                        config: StoryMakerConfig = StoryMakerConfig(),
+                        config: StoryMakerConfig | None = None,
                         device: torch.device | str | None = None,
                         dtype: torch.dtype = torch.float32,
                         fallback: FallbackCrop = FallbackCrop(),
@@ -459,8 +465,12 @@ class StoryMakerEncoder:
         """Find ``mask.bin`` and the CLIP ViT-H/14 folder (see encoders.id_checkpoints)."""
         mask_bin = find_checkpoint("storymaker", models_dir, env)
         clip_folder = find_checkpoint("clip-vit-h-14", models_dir, env)
-        return cls.from_files(mask_bin, clip_folder, config=config, device=device,
-                              dtype=dtype, fallback=fallback)
+        if config is None and is_stand_in(mask_bin):
+            from encoders.tiny_id_models import TINY_STORYMAKER
+
+            config = TINY_STORYMAKER
+        return cls.from_files(mask_bin, clip_folder, config=config or StoryMakerConfig(),
+                              device=device, dtype=dtype, fallback=fallback)
 
     @property
     def model_id(self) -> str:

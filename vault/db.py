@@ -23,6 +23,7 @@ from sqlalchemy.exc import ArgumentError
 from vault.errors import InvalidInput
 
 SCHEMAS = ("data", "keystore")
+READ_ONLY = "idvault_read_only"  # execution option: a read-only transaction
 
 
 def make_engine(url: str, *, schema: str) -> Engine:
@@ -62,7 +63,10 @@ def _sqlite_setup(engine: Engine, *, wal: bool, foreign_keys: bool = True) -> No
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):  # noqa: ANN001
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the lock up front so they queue instead of failing on a
+        # stale snapshot; read-only sessions (READ_ONLY) must not block them.
+        readonly = conn.get_execution_options().get(READ_ONLY)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
 
 def sqlite_path(url: str) -> Path | None:

@@ -20,6 +20,7 @@ import hmac
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.orm import Session
 
 from vault import crypto
+from vault.db import READ_ONLY
 from vault.errors import DecryptionError, IntegrityError, KeyUnavailable, NotFound
 from vault.keyprovider import KeyProvider
 from vault.keystore_models import DataKey, KekVersion, KeystoreMeta, SigningKey
@@ -56,15 +58,18 @@ class KeyStore:
     def __init__(self, engine: Engine, provider: KeyProvider, *, dek_cache_seconds: float = 30.0):
         self.engine = engine
         self.provider = provider
+        self._read_engine = engine.execution_options(**{READ_ONLY: True})
         self._keks: dict[int, bytes] = {}
-        self._deks: dict[str, tuple[float, uuid.UUID, bytes]] = {}
+        # identity uid -> (cached at, key id, DEK); insertion order = age order
+        self._deks: OrderedDict[str, tuple[float, uuid.UUID, bytes]] = OrderedDict()
         self._cache_seconds = dek_cache_seconds
         self._lock = threading.Lock()
         self._vault_id: uuid.UUID | None = None
 
     @contextmanager
-    def _session(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+    def _session(self, *, read_only: bool = False) -> Iterator[Session]:
+        bind = self._read_engine if read_only else self.engine
+        with Session(bind, expire_on_commit=False) as s, s.begin():
             yield s
 
     # -- setup ---------------------------------------------------------------
@@ -90,7 +95,7 @@ class KeyStore:
     @property
     def vault_id(self) -> uuid.UUID:
         if self._vault_id is None:
-            with self._session() as s:
+            with self._session(read_only=True) as s:
                 row = s.get(KeystoreMeta, "vault_id")
             if row is None:
                 raise KeyUnavailable("the key store is empty: run `idvault init`")
@@ -105,7 +110,7 @@ class KeyStore:
 
     # -- KEKs ----------------------------------------------------------------
     def active_version(self) -> int:
-        with self._session() as s:
+        with self._session(read_only=True) as s:
             v = s.scalar(select(func.max(KekVersion.version)).where(KekVersion.state == "active"))
         if v is None:
             raise KeyUnavailable("the key store has no active KEK version: run `idvault init`")
@@ -114,7 +119,7 @@ class KeyStore:
     def kek(self, version: int) -> bytes:
         if version in self._keks:
             return self._keks[version]
-        with self._session() as s:
+        with self._session(read_only=True) as s:
             row = s.get(KekVersion, version)
             if row is None:
                 raise KeyUnavailable(f"KEK version {version} is unknown to this key store")
@@ -147,26 +152,48 @@ class KeyStore:
         except NotFound:
             pass
         key_id, dek = uuid.uuid4(), crypto.new_key()
-        version = self.active_version()
-        wrapped = self._wrap(dek, version, _dek_context(identity_uid, key_id))
-        try:
-            with self._session() as s:
-                s.add(DataKey(key_id=str(key_id), identity_uid=identity_uid,
-                              kek_version=version, wrapped=wrapped))
-        except SAIntegrityError:
-            return self.dek(identity_uid)  # created concurrently
-        return key_id, dek
+        for _ in range(3):
+            self.kek(self.active_version())  # fetched outside the write transaction
+            try:
+                # The active version is read again in the writing transaction, so
+                # a rotation that committed meanwhile is honoured (and a running
+                # rotation's re-wrap loop sees this row).
+                with self._session() as s:
+                    version = s.scalar(select(func.max(KekVersion.version))
+                                       .where(KekVersion.state == "active"))
+                    if version in self._keks:
+                        s.add(DataKey(key_id=str(key_id), identity_uid=identity_uid,
+                                      kek_version=version,
+                                      wrapped=self._wrap(dek, version,
+                                                         _dek_context(identity_uid, key_id))))
+            except SAIntegrityError:
+                return self.dek(identity_uid)  # created concurrently
+            if version in self._keks:
+                self._remember(identity_uid, key_id, dek)
+                return key_id, dek
+        raise KeyUnavailable("the key-encryption key changed three times while writing a data "
+                             "key; is a rotation running? try again")
+
+    def _remember(self, identity_uid: str, key_id: uuid.UUID, dek: bytes) -> None:
+        if self._cache_seconds > 0:
+            with self._lock:
+                self._deks[identity_uid] = (time.monotonic(), key_id, dek)
+                self._deks.move_to_end(identity_uid)
 
     def dek(self, identity_uid: str) -> tuple[uuid.UUID, bytes]:
         now = time.monotonic()
         with self._lock:
-            # Drop expired keys so unwrapped DEKs do not outlive the cache window.
-            for uid in [u for u, (t, _, _) in self._deks.items() if now - t >= self._cache_seconds]:
+            # Drop expired keys (the oldest come first) so unwrapped DEKs do
+            # not outlive the cache window; amortised O(1) per call.
+            while self._deks:
+                uid, (cached_at, _, _) = next(iter(self._deks.items()))
+                if now - cached_at < self._cache_seconds:
+                    break
                 del self._deks[uid]
             hit = self._deks.get(identity_uid)
             if hit:
                 return hit[1], hit[2]
-        with self._session() as s:
+        with self._session(read_only=True) as s:
             row = s.scalar(select(DataKey).where(DataKey.identity_uid == identity_uid))
             if row is None:
                 raise NotFound(
@@ -181,9 +208,7 @@ class KeyStore:
                 f"the wrapped data key of identity {identity_uid} failed authentication: "
                 "the key store row is corrupt or was altered"
             ) from None
-        if self._cache_seconds > 0:
-            with self._lock:
-                self._deks[identity_uid] = (now, key_id, dek)
+        self._remember(identity_uid, key_id, dek)
         return key_id, dek
 
     def shred(self, identity_uid: str) -> str | None:
@@ -199,27 +224,30 @@ class KeyStore:
         return key_id
 
     def count_deks(self) -> int:
-        with self._session() as s:
+        with self._session(read_only=True) as s:
             return s.scalar(select(func.count()).select_from(DataKey)) or 0
 
     def dek_uids(self) -> set[str]:
-        with self._session() as s:
+        with self._session(read_only=True) as s:
             return set(s.scalars(select(DataKey.identity_uid)))
 
-    def all_deks(self, uids: set[str] | None = None) -> dict[str, tuple[uuid.UUID, bytes]]:
-        """Unwrap many DEKs with one query (index rebuilds)."""
-        with self._session() as s:
-            rows = s.execute(select(DataKey.identity_uid, DataKey.key_id, DataKey.wrapped)).all()
+    def all_deks(self, uids: set[str]) -> dict[str, tuple[uuid.UUID, bytes]]:
+        """Unwrap the DEKs of ``uids`` with few queries (index rebuilds)."""
+        wanted = sorted(uids)
+        rows = []
+        with self._session(read_only=True) as s:
+            for start in range(0, len(wanted), 900):  # under SQLite's variable limit
+                rows += s.execute(select(DataKey.identity_uid, DataKey.key_id, DataKey.wrapped)
+                                  .where(DataKey.identity_uid.in_(wanted[start:start + 900])))
         out = {}
         for uid, key_id, wrapped in rows:
-            if uids is None or uid in uids:
-                kid = uuid.UUID(key_id)
-                out[uid] = (kid, self._unwrap(wrapped, _dek_context(uid, kid)))
+            kid = uuid.UUID(key_id)
+            out[uid] = (kid, self._unwrap(wrapped, _dek_context(uid, kid)))
         return out
 
     # -- signing -------------------------------------------------------------
     def _signing_row(self) -> tuple[uuid.UUID, bytes, bytes]:
-        with self._session() as s:
+        with self._session(read_only=True) as s:
             row = s.scalar(select(SigningKey).where(SigningKey.purpose == SIGNING_PURPOSE))
             if row is None:
                 raise KeyUnavailable("the key store has no signing key: run `idvault init`")
@@ -318,7 +346,7 @@ class KeyStore:
         return RotationReport(retiring, target, done, resumed, note)
 
     def _count_old(self, target: int) -> int:
-        with self._session() as s:
+        with self._session(read_only=True) as s:
             n = s.scalar(select(func.count()).select_from(DataKey)
                          .where(DataKey.kek_version != target)) or 0
             n += s.scalar(select(func.count()).select_from(SigningKey)
@@ -326,7 +354,7 @@ class KeyStore:
         return n
 
     def kek_versions(self) -> list[tuple[int, str]]:
-        with self._session() as s:
+        with self._session(read_only=True) as s:
             return [(v.version, v.state) for v in s.scalars(select(KekVersion)
                                                               .order_by(KekVersion.version))]
 

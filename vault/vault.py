@@ -29,7 +29,7 @@ import numpy as np
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
 from vault import audit, codec, crypto, db, identities
 from vault.config import Settings
@@ -63,6 +63,7 @@ from vault.models import (
 )
 
 RECEIPT_TYPE = "idvault.erasure-receipt/1"
+PER_PHOTO_KINDS = ("photomaker",)  # artifacts that grow when photos are added
 
 
 @dataclass(frozen=True)
@@ -210,9 +211,13 @@ class Vault:
         return self._vault_id
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A transaction on the data database: committed on success."""
-        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+    def session(self, *, read_only: bool = False) -> Iterator[Session]:
+        """A transaction on the data database: committed on success.
+
+        ``read_only`` transactions do not take SQLite's write lock up front.
+        """
+        bind = self.engine.execution_options(**{db.READ_ONLY: True}) if read_only else self.engine
+        with Session(bind, expire_on_commit=False) as s, s.begin():
             yield s
 
     # -- owners and identities ------------------------------------------------------
@@ -246,17 +251,18 @@ class Vault:
             return [identities.describe_identity(i) for i in identities.list_identities(s, owner)]
 
     # -- artifacts --------------------------------------------------------------------
-    def _context(self, identity: Identity, artifact_id: str, kind: str,
+    def _context(self, owner: str, identity_uid: str, artifact_id: str, kind: str,
                  model_id: str) -> dict[str, str]:
-        return {"vault": str(self.vault_id), "owner": identity.owner.name,
-                "identity": identity.uid, "artifact": artifact_id, "kind": kind,
-                "model_id": model_id}
+        """The AAD that binds an artifact's ciphertext to its place."""
+        return {"vault": str(self.vault_id), "owner": owner, "identity": identity_uid,
+                "artifact": artifact_id, "kind": kind, "model_id": model_id}
 
     def _seal_artifact(self, identity: Identity, artifact_id: str, kind: str, model_id: str,
                        payload: bytes) -> bytes:
         key_id, dek = self.keys.get_or_create_dek(identity.uid)
         return crypto.seal(dek, payload, key_id=key_id, key_version=1,
-                           context=self._context(identity, artifact_id, kind, model_id))
+                           context=self._context(identity.owner.name, identity.uid, artifact_id,
+                                                 kind, model_id))
 
     def _open_artifact(self, identity: Identity, row: Artifact) -> bytes:
         try:
@@ -272,7 +278,8 @@ class Vault:
                 f"artifact {row.id} of {identity.handle} was sealed under another key "
                 "(the ciphertext was moved from another identity)")
         return crypto.open_token(dek, row.ciphertext,
-                                 context=self._context(identity, row.id, row.kind, row.model_id))
+                                 context=self._context(identity.owner.name, identity.uid, row.id,
+                                                     row.kind, row.model_id))
 
     def put_artifact(self, handle: str, kind: str, payload: bytes, *,
                      actor: str | None = None) -> StoredArtifact:
@@ -353,38 +360,45 @@ class Vault:
 
     def _load_owner_index(self, owner_id: int,
                           progress: Callable[[int, int], None] | None = None) -> int:
-        with self.session() as s:
-            rows = s.execute(
-                select(Identity, Artifact).join(Artifact, Artifact.identity_id == Identity.id)
-                # Held identities are indexed too: a third enrollment of a held
-                # person must still be caught.
-                .where(Identity.owner_id == owner_id, Identity.status.in_(("active", "held")),
-                       Artifact.kind == "face")
-                .options(selectinload(Identity.owner))).all()
-            deks = self.keys.all_deks({i.uid for i, _ in rows})
-            by_model: dict[str, tuple[list[int], list[np.ndarray]]] = {}
-            for n, (identity, art) in enumerate(rows, 1):
-                if identity.uid not in deks:
+        """Decrypt the owner's face artifacts, in batches, into fresh indexes."""
+        indexed = (Identity.owner_id == owner_id, Identity.status.in_(("active", "held")),
+                   Artifact.kind == "face")
+        with self.session(read_only=True) as s:
+            owner_name = s.scalar(select(Owner.name).where(Owner.id == owner_id))
+            uids = set(s.scalars(select(Identity.uid).join(Artifact).where(*indexed)))
+            total = len(uids)
+        deks = self.keys.all_deks(uids)
+        by_model: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        # Held identities are indexed too: a third enrollment of a held person
+        # must still be caught. Rows stream in batches: a roster of 100k would
+        # not fit in memory with every ciphertext at once.
+        query = (select(Identity.id, Identity.uid, Artifact.id, Artifact.model_id,
+                        Artifact.ciphertext)
+                 .join(Artifact, Artifact.identity_id == Identity.id).where(*indexed)
+                 .execution_options(yield_per=1000))
+        with self.session(read_only=True) as s:
+            for n, (identity_id, uid, art_id, model_id, ciphertext) in enumerate(
+                    s.execute(query), 1):
+                if uid not in deks:
                     continue  # shredded mid-erasure; its rows are going
-                _, dek = deks[identity.uid]
                 payload = crypto.open_token(
-                    dek, art.ciphertext,
-                    context=self._context(identity, art.id, art.kind, art.model_id))
+                    deks[uid][1], ciphertext,
+                    context=self._context(owner_name, uid, art_id, "face", model_id))
                 normed = codec.decode(payload, kind="face").tensors["normed"]
-                ids, vectors = by_model.setdefault(art.model_id, ([], []))
-                ids.extend([identity.id] * len(normed))
+                ids, vectors = by_model.setdefault(model_id, ([], []))
+                ids.extend([identity_id] * len(normed))
                 vectors.append(normed)
-                if progress and (n % 1000 == 0 or n == len(rows)):
-                    progress(n, len(rows))
+                if progress and (n % 1000 == 0 or n == total):
+                    progress(n, total)
         self.index.drop_owner(owner_id)
-        total = 0
+        count = 0
         for model_id, (ids, vectors) in by_model.items():
             idx = self.index.get(owner_id, model_id)
             idx.add_many(np.asarray(ids), np.concatenate(vectors))
             idx.optimise()
-            total += len(ids)
+            count += len(ids)
         self.index.loaded_owners.add(owner_id)
-        return total
+        return count
 
     def search_faces(self, owner: str, vectors: np.ndarray, *, model_id: str | None = None,
                      k: int = 5, exclude_identity: str | None = None) -> list[dict]:
@@ -501,6 +515,9 @@ class Vault:
             stored = [self._store(s, identity, codec.decode(payload, kind="face"), payload,
                                   actor=actor)]
             for d, p in extras.values():
+                if existing is not None and d.kind in PER_PHOTO_KINDS:
+                    p = self._append_photos(identity, d)
+                    d = codec.decode(p, kind=d.kind)
                 stored.append(self._store(s, identity, d, p, actor=actor))
             review_id = None
             if status == "held":
@@ -547,6 +564,18 @@ class Vault:
                                         "mean": mean / np.linalg.norm(mean)},
                                {**new.metadata}, max_bytes=self.settings.max_artifact_bytes)
         return payload, len(new.tensors["normed"])
+
+    def _append_photos(self, identity: Identity, new: codec.DecodedArtifact) -> bytes:
+        """A per-photo artifact (PhotoMaker) with ``new``'s photos after the stored ones."""
+        current = [a for a in identity.artifacts
+                   if a.kind == new.kind and a.model_id == new.model_id]
+        tensors = dict(new.tensors)
+        if current:
+            old = codec.decode(self._open_artifact(identity, current[0]), kind=new.kind)
+            tensors = {k: np.concatenate([old.tensors[k], v]) for k, v in tensors.items()}
+        meta = {k: v for k, v in new.metadata.items() if not k.startswith("idvault.")}
+        meta["photos"] = str(len(next(iter(tensors.values()))))
+        return codec.encode(new.kind, tensors, meta, max_bytes=self.settings.max_artifact_bytes)
 
     def list_reviews(self, owner: str | None = None, *, status: str = "pending") -> list[dict]:
         with self.session() as s:

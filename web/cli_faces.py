@@ -47,7 +47,21 @@ def _enroller(vault, models_dir: Path | None, pack: str):
     from encoders.enrollment import Enroller
     from encoders.face_analyzer import FaceAnalyzer
 
-    return Enroller(vault, FaceAnalyzer.from_models_dir(models_dir, pack=pack))
+    return Enroller(vault, FaceAnalyzer.from_models_dir(models_dir, pack=pack), models_dir)
+
+
+def _masks(pairs: tuple[str, ...]) -> dict:
+    """``PHOTO=MASK`` options -> {photo name: (H, W) uint8 mask}."""
+    from encoders.photo import load_photo
+
+    masks = {}
+    for pair in pairs:
+        photo, sep, mask = pair.partition("=")
+        if not sep or not photo or not mask:
+            raise click.BadParameter(f"{pair!r}: use PHOTO=MASK_FILE", param_hint="--mask")
+        rgb = load_photo(Path(mask), name=Path(mask).name)
+        masks[Path(photo).name] = rgb.max(axis=2)  # (H, W): white = person
+    return masks
 
 
 def _progress():
@@ -74,14 +88,21 @@ def _progress():
 @click.option("--consent", "consent_file", type=click.Path(path_type=Path, dir_okay=False),
               help="Consent record JSON; required for a new identity (docs/consent.md).")
 @click.option("--kinds", default="face", show_default=True,
-              help="Artifacts to compute, comma-separated (this version: face).")
+              help="Artifacts to compute, comma-separated: face (always), photomaker, "
+                   "storymaker. The last two need their checkpoints in --models.")
+@click.option("--mask", "mask_pairs", multiple=True, metavar="PHOTO=MASK",
+              help="Person mask (white = person) for a photo, for StoryMaker's character "
+                   "crop; that photo becomes the reference. Repeatable.")
+@click.option("--cloth", "cloth_file", type=click.Path(path_type=Path, dir_okay=False,
+                                                        exists=True),
+              help="A clothing image to use instead of the character crop (StoryMaker).")
 @click.option("--pick", "pick", default=None, help=PICK_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_models_options
 @vault_options
 def enroll(handle: str, photos: tuple[Path, ...], consent_file: Path | None, kinds: str,
-           pick: str | None, as_json: bool, models_dir: Path | None, pack: str,
-           settings: Settings) -> None:
+           mask_pairs: tuple[str, ...], cloth_file: Path | None, pick: str | None,
+           as_json: bool, models_dir: Path | None, pack: str, settings: Settings) -> None:
     """Enroll HANDLE from PHOTOS: check, embed, dedupe, seal and store.
 
     Each photo must show exactly one usable face (or use --pick); if any photo
@@ -90,9 +111,12 @@ def enroll(handle: str, photos: tuple[Path, ...], consent_file: Path | None, kin
     exit code 10, naming the match; one in the review band is stored on hold
     (see `idvault review`). Enrolling an existing HANDLE adds the photos.
     """
+    from encoders.photo import load_photo
     from vault.consent import ConsentRequest
 
     request = ConsentRequest.from_file(consent_file) if consent_file else None
+    masks = _masks(mask_pairs)
+    cloth = load_photo(cloth_file, name=cloth_file.name) if cloth_file else None
     with open_vault(settings) as vault:
         enroller = _enroller(vault, models_dir, pack)
         bar = _progress()
@@ -100,7 +124,7 @@ def enroll(handle: str, photos: tuple[Path, ...], consent_file: Path | None, kin
             report = enroller.enroll(handle, list(photos), consent=request,
                                      kinds=[k.strip() for k in kinds.split(",") if k.strip()],
                                      names=[p.name for p in photos], pick=_pick(pick),
-                                     progress=bar)
+                                     masks=masks, cloth=cloth, progress=bar)
         finally:
             bar.close()
     doc = report.to_json()
@@ -108,7 +132,8 @@ def enroll(handle: str, photos: tuple[Path, ...], consent_file: Path | None, kin
     def text() -> str:
         verb = {"active": "enrolled", "updated": "added photos to",
                 "held": "held for review:"}[report.status]
-        lines = [f"{verb} {report.handle} ({len(report.photos)} photo(s))"]
+        kinds_done = ", ".join(a.kind for a in report.artifacts)
+        lines = [f"{verb} {report.handle} ({len(report.photos)} photo(s); {kinds_done})"]
         for p in report.photos:
             lines.append(f"  {p.name:<28} face {p.face_index} of {p.faces_found}  "
                          f"score {p.det_score:.2f}  {p.face_px:.0f} px  sharpness {p.blur:.0f}")
@@ -223,10 +248,14 @@ def models_tiny(directory: Path, settings: Settings) -> None:
     They make the whole product run offline (tests, demo) but produce NO real
     likeness: the detector finds only idvault's drawn synthetic faces.
     """
+    from encoders.tiny_id_models import write_tiny_id_models
     from encoders.tiny_models import write_tiny_face_pack
 
     target = write_tiny_face_pack(directory / "models" / "buffalo_l")
     click.echo(f"wrote a tiny buffalo_l-layout face pack to {target}")
+    written = write_tiny_id_models(directory)
+    click.echo("wrote tiny PhotoMaker v1/v2, StoryMaker and CLIP ViT-H/14 stand-ins: "
+               + ", ".join(p.name for p in written.values()))
     click.echo("these stand-ins produce no real likeness; use them with --models "
                f"{directory}")
 
@@ -265,7 +294,29 @@ def models_check(directory: Path | None, as_json: bool, settings: Settings) -> N
                 lines.append(f"  enables: {r['enables']}")
         return "\n".join(lines)
 
-    emit(reports, as_json, text)
+    from encoders.id_checkpoints import inspect_id_checkpoints
+
+    enables = {"photomaker-v1": "enroll --kinds photomaker (v1)",
+               "photomaker-v2": "enroll --kinds photomaker (v2)",
+               "storymaker": "enroll --kinds storymaker (with clip-vit-h-14)",
+               "clip-vit-h-14": "enroll --kinds storymaker (with storymaker)"}
+    checkpoints = [{"checkpoint": c.key, "description": c.description,
+                    "path": str(c.path) if c.path else None, "size": c.size,
+                    "sha256": c.sha256, "problem": c.problem,
+                    "enables": enables.get(c.key) if c.path else None}
+                   for c in inspect_id_checkpoints(directory, hashes=True)]
+
+    def text_all() -> str:
+        lines = [text()]
+        for c in checkpoints:
+            if c["path"]:
+                lines.append(f"{c['checkpoint']}: {c['path']} ({c['size']:,} B, sha256 "
+                             f"{c['sha256'][:16]}...) enables {c['enables']}")
+            else:
+                lines.append(f"{c['checkpoint']}: not found")
+        return "\n".join(lines)
+
+    emit({"face_packs": reports, "checkpoints": checkpoints}, as_json, text_all)
     if not any(r["complete"] for r in reports):
         raise errors.ModelUnavailable(
             "no complete face pack found; see docs/models.md (or `idvault models tiny DIR` "

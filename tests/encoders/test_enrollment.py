@@ -99,3 +99,50 @@ def test_twin_is_held_for_review_then_accepted(enroller, family):
     family.decide_review(held.review_id, accept=True)
     more = enroller.enroll("smiths/dan", [synthetic_face(4, 9, kin=(3, 0.4))])
     assert more.status == "updated"  # the twin pair is no longer flagged
+
+
+@pytest.fixture(scope="module")
+def id_models(tmp_path_factory):
+    from encoders.tiny_id_models import write_tiny_id_models
+
+    root = tmp_path_factory.mktemp("id_models")
+    write_tiny_id_models(root)
+    return root
+
+
+def test_photomaker_and_storymaker_artifacts(family, analyzer, id_models):
+    enroller = Enroller(family, analyzer, id_models)
+    mask = np.zeros((256, 256), np.uint8)
+    mask[30:250, 50:210] = 255
+    report = enroller.enroll("smiths/ana", photos(1, 2), names=["a.png", "b.png"],
+                             consent=consent(), kinds=["face", "photomaker", "storymaker"],
+                             masks={"b.png": mask})
+    assert [a.kind for a in report.artifacts] == ["face", "photomaker", "storymaker"]
+    pm = family.get_artifact("smiths/ana", "photomaker").artifact
+    assert pm.shapes == {"id_embeds": [2, 2, 2048]} and pm.metadata["version"] == "v2"
+    assert pm.model_id == enroller.encoder("photomaker").model_id
+    sm = family.get_artifact("smiths/ana", "storymaker").artifact
+    assert sm.shapes == {"tokens": [20, 2048]}
+    assert (sm.metadata["crop"], sm.metadata["reference_photo"]) == ("mask", "b.png")
+    # Adding a photo appends its PhotoMaker embedding; StoryMaker keeps one reference.
+    enroller.enroll("smiths/ana", photos(1, 1, start=5), kinds=["face", "photomaker"])
+    pm2 = family.get_artifact("smiths/ana", "photomaker").artifact
+    assert pm2.shapes["id_embeds"] == [3, 2, 2048]
+    np.testing.assert_array_equal(pm2.tensors["id_embeds"][:2], pm.tensors["id_embeds"])
+
+
+def test_missing_checkpoint_fails_before_any_work(family, analyzer, tmp_path):
+    from vault.errors import ModelUnavailable
+
+    enroller = Enroller(family, analyzer, tmp_path / "empty")
+    with pytest.raises(ModelUnavailable, match="photomaker"):
+        enroller.enroll("smiths/ana", photos(1, 1), consent=consent(),
+                        kinds=["face", "photomaker"])
+    assert family.list_identities() == []
+
+
+def test_mask_for_unknown_photo_refused(family, analyzer, id_models):
+    enroller = Enroller(family, analyzer, id_models)
+    with pytest.raises(InvalidInput, match="masks given for photos not enrolled: z.png"):
+        enroller.enroll("smiths/ana", photos(1, 1), names=["a.png"], consent=consent(),
+                        kinds=["face", "storymaker"], masks={"z.png": np.ones((4, 4))})

@@ -36,7 +36,7 @@ def test_enroll_duplicate_verify_search(cli):
     d = cli.dir
     out, _ = cli("enroll", "smiths/ana", str(d / "p1_0.jpg"), str(d / "p1_1.jpg"),
                  "--consent", str(d / "c.json"))
-    assert out.startswith("enrolled smiths/ana (2 photo(s))") and "p1_1.jpg" in out
+    assert out.startswith("enrolled smiths/ana (2 photo(s); face)") and "p1_1.jpg" in out
     _, err = cli("enroll", "smiths/anna", str(d / "p1_2.jpg"), "--consent", str(d / "c.json"),
                  code=10)
     assert "match smiths/ana" in err
