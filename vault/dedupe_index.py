@@ -22,6 +22,8 @@ else ``new``. See docs/dedupe.md for how they were chosen.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import faiss
@@ -34,6 +36,24 @@ faiss.cvar.distance_compute_blas_threshold = 20
 
 DIM = 512
 INDEX_TYPES = ("flat", "ivf")
+# Below this many vectors a search runs on one OpenMP thread: waking a team
+# costs more than it saves, and next to onnxruntime's spinning threads a
+# 2-thread search of 150 vectors took 19 ms instead of 0.01 ms (bench_face).
+SINGLE_THREAD_BELOW = 50_000
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run faiss with ``n`` OpenMP threads in this thread (None: unchanged)."""
+    if n is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)  # OpenMP's setting is per calling thread
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -116,7 +136,8 @@ class OwnerIndex:
         q = normalise(vectors)
         # Ask for more neighbours than k: an identity holds several photos.
         depth = min(len(self), max(4 * k, k + len(exclude)) * 4)
-        scores, labels = self._index.search(q, depth)
+        with _threads(1 if len(self) < SINGLE_THREAD_BELOW else None):
+            scores, labels = self._index.search(q, depth)
         best: dict[int, float] = {}
         for row_scores, row_labels in zip(scores, labels, strict=True):
             for s, label in zip(row_scores, row_labels, strict=True):

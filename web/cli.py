@@ -439,6 +439,13 @@ def receipt_verify(file: Path, settings: Settings) -> None:
 from web.cli_faces import register as _register_face_commands  # noqa: E402
 
 _register_face_commands(cli)
+from web.cli_generate import register as _register_generate_commands  # noqa: E402
+from web.cli_personalize import register as _register_personalize_commands  # noqa: E402
+from web.cli_web import register as _register_web_commands  # noqa: E402
+
+_register_generate_commands(cli)
+_register_personalize_commands(cli)  # adds `artifact export`: after the core groups
+_register_web_commands(cli)
 
 
 @cli.command()

@@ -246,16 +246,21 @@ def models_tiny(directory: Path, settings: Settings) -> None:
     """Write tiny stand-in models in the real layouts into DIRECTORY.
 
     They make the whole product run offline (tests, demo) but produce NO real
-    likeness: the detector finds only idvault's drawn synthetic faces.
+    likeness: the detector finds only idvault's drawn synthetic faces, and the
+    SDXL stand-in (DIRECTORY/sdxl-tiny, the default base model of `generate`)
+    makes noise, not pictures.
     """
-    from encoders.tiny_id_models import write_tiny_id_models
     from encoders.tiny_models import write_tiny_face_pack
+    from generators.tiny_generation import write_tiny_generation_models
 
     target = write_tiny_face_pack(directory / "models" / "buffalo_l")
     click.echo(f"wrote a tiny buffalo_l-layout face pack to {target}")
-    written = write_tiny_id_models(directory)
+    written = write_tiny_generation_models(directory)
+    sdxl = written.pop("sdxl")
     click.echo("wrote tiny PhotoMaker v1/v2, StoryMaker and CLIP ViT-H/14 stand-ins: "
                + ", ".join(p.name for p in written.values()))
+    click.echo(f"wrote a tiny SDXL pipeline to {sdxl} (the default base model of "
+               "`idvault generate --models DIRECTORY`)")
     click.echo("these stand-ins produce no real likeness; use them with --models "
                f"{directory}")
 

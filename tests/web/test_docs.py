@@ -292,8 +292,7 @@ def test_security_md_aad_fields_match_vault_context():
     from vault.vault import Vault
 
     fake = types.SimpleNamespace(vault_id=uuid.uuid4())
-    identity = types.SimpleNamespace(owner=types.SimpleNamespace(name="o"), uid="u")
-    context = Vault._context(fake, identity, "a", "k", "m")
+    context = Vault._context(fake, "owner", "identity-uid", "artifact", "kind", "model")
     body = read("security.md")
     for key in context:
         assert f"| `{key}` |" in body, f"docs/security.md AAD table lacks {key!r}"

@@ -1,0 +1,196 @@
+"""Identity methods: how one identity's stored artifact conditions a generation.
+
+:class:`generators.compose.ComposePipeline` knows nothing about PhotoMaker or
+StoryMaker; it asks the method of each identity, through the interface of
+:class:`IdentityMethod`, for four things, each optional:
+
+============================  ==================================================
+``class_tokens(request)``      how many copies of the class token stand for the
+                               identity in the *identity prompt* (PhotoMaker:
+                               photos x tokens per photo; default 1: the class
+                               word stays as it is)
+``fuse_text(embeds, ...)``     replace those positions of the SDXL prompt
+                               embedding (PhotoMaker's FuseModule); they become
+                               the identity's text-fused tokens, regional
+``image_tokens(requests)``     decoupled image tokens for all of the method's
+                               identities of one call, with a global block
+                               (StoryMaker: bg + slots), regional
+``loras()``                    UNet LoRAs to apply while it runs (global)
+============================  ==================================================
+
+plus ``text_only_until(steps)``: steps ``i <= n`` use the *text-only prompt*
+(the scene text: class word once), as PhotoMaker's ``start_merge_step``.
+
+Before any model work the pipeline calls :meth:`IdentityMethod.problem` (can
+this identity use the method: artifact present, made with the weights in the
+models folder?) and :meth:`IdentityMethod.select` (pick each identity's
+artifact; raise a clear error otherwise); then :meth:`IdentityMethod.load`
+(weights, once per pipeline), then decrypts the chosen artifacts.
+
+The seam for later methods:
+
+* **Celeb Basis** (two textual-inversion token embeddings per identity):
+  an input-side variant of ``fuse_text``, i.e. replacing the class token's
+  *input* embedding in each text encoder before the transformer. Add an
+  ``input_embeddings`` hook next to ``fuse_text`` and use ``class_tokens`` = 2.
+* **LiDB** (a per-identity rank-1 LoRA): ``loras()`` per identity; to keep it
+  regional, a LoRA whose output is multiplied by the identity's mask at each
+  resolution (the masks come from the same :class:`~generators.layout.Layout`).
+
+Register a method with :func:`register_method`; ``--method NAME`` and the
+``auto`` choice (:data:`DEFAULT_PREFERENCE`) find it by its ``name``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from generators.lora import LoraWeights
+from vault.errors import InvalidInput
+
+__all__ = [
+    "DEFAULT_PREFERENCE",
+    "METHODS",
+    "IdentityMethod",
+    "IdentityRequest",
+    "ImageTokens",
+    "register_method",
+]
+
+
+@dataclass
+class IdentityRequest:
+    """One identity in one generation, as its method sees it."""
+
+    index: int  # order of first mention = layout order
+    handle: str  # owner/name (the layout's name)
+    class_word: str
+    resolved: object  # generators.prompt.ResolvedIdentity: consent id, artifact metadata
+    method: str = ""
+    artifact: dict | None = None  # the chosen artifact's metadata: id, kind, model_id, sha256
+    opened: object | None = None  # vault.vault.OpenedArtifact, once decrypted
+
+    @property
+    def tensors(self) -> dict:
+        if self.opened is None:
+            raise InvalidInput(f"{self.handle}: artifact not decrypted yet")
+        return self.opened.artifact.tensors
+
+    def artifacts_of(self, kind: str) -> list[dict]:
+        return [a for a in self.resolved.artifacts if a["kind"] == kind]
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """Decoupled image tokens of one method's identities in one call.
+
+    ``positive``/``negative`` are ``(n, D)``; ``global_range`` is visible
+    everywhere (StoryMaker's background block), ``ranges`` maps each handle
+    to its ``[start, stop)``.
+    """
+
+    positive: torch.Tensor
+    negative: torch.Tensor
+    global_range: tuple[int, int] | None
+    ranges: dict[str, tuple[int, int]]
+
+
+class IdentityMethod(ABC):
+    """One way of conditioning a generation on an identity (see the module docstring).
+
+    An instance belongs to one :class:`~generators.compose.ComposePipeline`
+    and keeps the weights it loaded for the pipeline's lifetime.
+    """
+
+    name: ClassVar[str]
+    artifact_kind: ClassVar[str]
+    uses_image_tokens: ClassVar[bool] = False
+
+    def __init__(self, models_dir: Path | str | None, *, device: torch.device,
+                 dtype: torch.dtype, settings: object | None = None) -> None:
+        self.models_dir = models_dir
+        self.device = device
+        self.dtype = dtype
+        self.settings = settings if settings is not None else self.default_settings()
+
+    @classmethod
+    def default_settings(cls) -> object | None:
+        return None
+
+    # -- before any model work -----------------------------------------------------------
+    @abstractmethod
+    def problem(self, request: IdentityRequest) -> str | None:
+        """None if ``request`` can use this method, else why not (cheap: no weights loaded;
+        may raise ModelUnavailable when the method's checkpoint is absent)."""
+
+    @abstractmethod
+    def select(self, requests: Sequence[IdentityRequest]) -> None:
+        """Set each request's ``artifact``; raise InvalidInput / ModelUnavailable naming why not."""
+
+    def max_identities(self) -> int | None:
+        return None
+
+    def adapter_ids(self) -> tuple[str, ...]:
+        """What the provenance manifest lists under ``adapters`` (after :meth:`select`)."""
+        return ()
+
+    # -- weights ---------------------------------------------------------------------------
+    @abstractmethod
+    def load(self, unet) -> None:
+        """Load what the selected artifacts need (idempotent per checkpoint)."""
+
+    def loras(self) -> list[tuple[LoraWeights, float]]:
+        return []
+
+    def image_projections(self) -> dict[str, torch.Tensor] | None:
+        """Index-keyed ``to_k_ip``/``to_v_ip`` for regional attention (image-token methods)."""
+        return None
+
+    # -- conditioning ----------------------------------------------------------------------
+    def class_tokens(self, request: IdentityRequest) -> int:
+        return 1
+
+    def fuses_text(self) -> bool:
+        return False
+
+    def fuse_text(self, embeds: torch.Tensor, request: IdentityRequest,
+                  mentions: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``embeds`` (1, 77, D) with the identity's positions (one list per mention) replaced."""
+        return embeds
+
+    def text_only_until(self, steps: int) -> int:
+        return -1
+
+    def image_tokens(self, requests: Sequence[IdentityRequest]) -> ImageTokens | None:
+        return None
+
+
+METHODS: dict[str, type[IdentityMethod]] = {}
+# ``--method auto``: PhotoMaker first (its artifact pools every enrolled photo and it
+# needs no slot), StoryMaker for identities PhotoMaker cannot serve.
+DEFAULT_PREFERENCE: tuple[str, ...] = ("photomaker", "storymaker")
+
+
+def register_method(cls: type[IdentityMethod]) -> type[IdentityMethod]:
+    """Make ``cls`` available under ``cls.name`` (usable as a class decorator)."""
+    if not getattr(cls, "name", None) or not getattr(cls, "artifact_kind", None):
+        raise InvalidInput("an identity method needs a name and an artifact_kind")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _register_builtin() -> None:
+    from generators.methods.photomaker import PhotoMakerMethod
+    from generators.methods.storymaker import StoryMakerMethod
+
+    register_method(PhotoMakerMethod)
+    register_method(StoryMakerMethod)
+
+
+_register_builtin()

@@ -1,0 +1,124 @@
+"""Artifacts: metadata, decrypted downloads (``artifacts:read``; consent permitting;
+audited) and exports in the formats other tools load."""
+
+from __future__ import annotations
+
+from flask import Response, jsonify, request
+
+from vault.errors import InvalidInput, NotFound
+from web.api import (
+    HANDLE_PARAMS,
+    ApiBlueprint,
+    choice_arg,
+    items_of,
+    json_response,
+    query_param,
+    ref,
+    state,
+)
+from web.auth import handle_in_owner, require
+from web.errors import NotImplementedYet
+
+bp = ApiBlueprint("artifacts", __name__, tag="artifacts")
+
+READ_PURPOSES = ("share", "generate", "personalize")
+ARTIFACT_PARAMS = {**HANDLE_PARAMS, "artifact_id": {"type": "string", "maxLength": 64}}
+BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+# Export formats: implemented ones map to a function, the others say when they come.
+EXPORTS_LATER = {
+    "textual_inversion": "textual inversion embeddings are exported from Celeb Basis "
+                         "artifacts, which the Celeb Basis encoder will produce; this version "
+                         "cannot export them yet",
+    "diffusers_lora": "diffusers LoRA files are exported from LiDB artifacts, which the "
+                      "HyperDreamBooth encoder will produce; this version cannot export them yet",
+}
+EXPORT_FORMATS = ("photomaker", *EXPORTS_LATER)
+MODEL_ID = query_param("model_id", {"type": "string", "maxLength": 128},
+                       "which one, when the identity has several of that kind")
+
+
+def _artifact(handle: str, artifact_id: str) -> dict:
+    for a in state().vault.describe(handle)["artifacts"]:
+        if a["id"] == artifact_id:
+            return a
+    raise NotFound(f"{handle} has no artifact {artifact_id}")
+
+
+def _filename(handle: str, what: str) -> str:
+    return f"{handle.replace('/', '-')}-{what}.safetensors"
+
+
+def _binary(payload: bytes, filename: str, sha256: str | None = None) -> Response:
+    resp = Response(payload, mimetype="application/octet-stream")
+    resp.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    if sha256:
+        resp.headers["X-Content-SHA256"] = sha256
+    return resp
+
+
+@bp.op("/identities/<owner>/<name>/artifacts", "GET", summary="The identity's artifacts "
+       "(metadata only: kind, model id, size, SHA-256, shapes)", scope="identities:read",
+       path_params=HANDLE_PARAMS,
+       responses={"200": json_response("artifact metadata", items_of("Artifact"))})
+def list_artifacts(owner: str, name: str):
+    p = require("identities:read")
+    return jsonify({"items": state().vault.describe(handle_in_owner(p, owner, name))
+                    ["artifacts"]})
+
+
+@bp.op("/identities/<owner>/<name>/artifacts/<artifact_id>", "GET",
+       summary="One artifact's metadata", scope="identities:read", path_params=ARTIFACT_PARAMS,
+       responses={"200": json_response("artifact metadata", ref("Artifact"))})
+def get_artifact(owner: str, name: str, artifact_id: str):
+    p = require("identities:read")
+    return jsonify(_artifact(handle_in_owner(p, owner, name), artifact_id))
+
+
+@bp.op("/identities/<owner>/<name>/artifacts/<artifact_id>/payload", "GET",
+       summary="The decrypted artifact (safetensors); consent must grant the purpose; audited",
+       scope="artifacts:read", path_params=ARTIFACT_PARAMS,
+       query=[query_param("purpose", {"type": "string", "enum": list(READ_PURPOSES)},
+                          "why it is read (default share); consent must grant it")],
+       responses={"200": {"description": "the safetensors payload", "content": BINARY}})
+def download_artifact(owner: str, name: str, artifact_id: str):
+    p = require("artifacts:read")
+    handle = handle_in_owner(p, owner, name)
+    purpose = choice_arg("purpose", READ_PURPOSES, "share")
+    meta = _artifact(handle, artifact_id)
+    opened = state().vault.get_artifact(handle, meta["kind"], model_id=meta["model_id"],
+                                        purpose=purpose, actor=p.actor)
+    return _binary(opened.payload, _filename(handle, meta["kind"]), meta["sha256"])
+
+
+@bp.op("/identities/<owner>/<name>/exports/<export_format>", "GET",
+       summary="Export for other tools: photomaker (ID embeddings); textual_inversion and "
+               "diffusers_lora answer 501 until their encoders land",
+       scope="artifacts:read",
+       path_params={**HANDLE_PARAMS, "export_format": {"type": "string", "maxLength": 32}},
+       query=[MODEL_ID],
+       responses={"200": {"description": "a safetensors file", "content": BINARY},
+                  "501": json_response("a known format this version cannot export yet",
+                                       ref("Error"))})
+def export(owner: str, name: str, export_format: str):
+    p = require("artifacts:read")
+    handle = handle_in_owner(p, owner, name)
+    if export_format in EXPORTS_LATER:
+        raise NotImplementedYet(EXPORTS_LATER[export_format], format=export_format)
+    if export_format != "photomaker":
+        raise NotFound(f"no export format {export_format!r} (formats: "
+                       f"{', '.join(EXPORT_FORMATS)})")
+    model_id = request.args.get("model_id")
+    if model_id is not None and len(model_id) > 128:
+        raise InvalidInput("'model_id' is at most 128 characters")
+    import numpy as np
+    from safetensors.numpy import save
+
+    opened = state().vault.get_artifact(handle, "photomaker", model_id=model_id,
+                                        purpose="share", actor=p.actor)
+    art = opened.artifact
+    embeds = np.ascontiguousarray(art.tensors["id_embeds"])
+    payload = save({"id_embeds": embeds}, metadata={
+        "format": "idvault.photomaker-id-embeds/1", "model_id": art.model_id,
+        "version": art.metadata.get("version", ""), "photos": str(embeds.shape[0]),
+        "tokens_per_photo": str(embeds.shape[1])})
+    return _binary(payload, _filename(handle, "photomaker-id-embeds"))

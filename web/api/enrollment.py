@@ -1,0 +1,214 @@
+"""Enrollment over HTTP: photos (multipart) in, a deduplicated, sealed identity out.
+
+``POST /identities/{owner}/{name}/enroll`` is ``idvault enroll``: every photo
+must show one usable face or the whole request is refused (422) with a
+result per photo; a face matching an existing identity of the owner is
+refused (409) naming it; a face in the review band is stored ``held`` with a
+pending review (201). ``POST /photos/check`` analyses photos without storing
+anything, for per-photo feedback while a person picks them.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flask import jsonify, request
+
+from vault import identities
+from vault.errors import InvalidInput, NotFound, PhotoRejected
+from web.api import HANDLE_PARAMS, ApiBlueprint, json_response, ref, state
+from web.api.identities import parse_consent
+from web.auth import handle_in_owner, require
+from web.errors import UnsupportedMediaType
+
+bp = ApiBlueprint("enrollment", __name__, tag="enrollment")
+
+MAX_EVIDENCE_BYTES = 20 * 1024 * 1024
+PHOTO_FIELDS = {"photos"}
+ENROLL_FORM = {"consent", "pick", "kinds", "csrf_token"}
+ENROLL_FILES = {"photos", "evidence"}
+
+PHOTOS_SCHEMA = {"type": "array", "minItems": 1, "maxItems": 32,
+                 "items": {"type": "string", "format": "binary"},
+                 "description": "JPEG, PNG or WebP photos, one person each (at most 20 MB and "
+                                "40 megapixels each)"}
+PICK_SCHEMA = {"type": "string", "maxLength": 16,
+               "description": "when a photo shows several usable faces: 'largest' or an "
+                              "index (0 = leftmost)"}
+
+
+def safe_names(raw: list[str | None]) -> list[str]:
+    """Display names for uploads: base name only, printable, short, unique."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for i, name in enumerate(raw):
+        base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+        base = "".join(c for c in base if c.isprintable()).strip()[:100] or f"photo {i + 1}"
+        candidate, n = base, 2
+        while candidate in seen:
+            candidate, n = f"{base} ({n})", n + 1
+        seen.add(candidate)
+        out.append(candidate)
+    return out
+
+
+def _multipart(allowed_form: set[str], allowed_files: set[str]) -> None:
+    if request.mimetype != "multipart/form-data":
+        raise UnsupportedMediaType("send the photos as multipart/form-data, one file part "
+                                   "per photo in the field 'photos'")
+    unknown = sorted(str(k) for k in (set(request.form) - allowed_form)
+                     | (set(request.files) - allowed_files))
+    if unknown:
+        raise InvalidInput(f"unknown field(s): {', '.join(unknown)} (fields: "
+                           f"{', '.join(sorted(allowed_form | allowed_files))})")
+
+
+def read_photos() -> tuple[list[bytes], list[str]]:
+    files = request.files.getlist("photos")
+    if not files:
+        raise InvalidInput("no photos: send one or more files in the multipart field 'photos'")
+    limit = state().config.max_photos
+    if len(files) > limit:
+        raise InvalidInput(f"at most {limit} photos per request (got {len(files)})")
+    names = safe_names([f.filename for f in files])
+    # The photo decoder checks each photo's size before decoding it.
+    return [f.read() for f in files], names
+
+
+def parse_pick(raw: str | None):
+    if raw is None or raw == "":
+        return None
+    if raw == "largest":
+        return "largest"
+    if raw.isdigit() and int(raw) < 64:
+        return int(raw)
+    raise InvalidInput("'pick' must be 'largest' or a face index 0-63 (0 = leftmost)")
+
+
+def enroll_photos(p, handle: str, photos: list[bytes], names: list[str], *,
+                  consent=None, pick=None, kinds: tuple[str, ...] = ("face",)):
+    """``Enroller.enroll`` for the caller: the EnrollmentReport, or per-photo rejections.
+
+    The app's enroller stores through ``AppState``'s per-owner lock (see
+    ``web.app.LockedStore``), so two enrollments of one owner in this process
+    cannot both miss each other in the dedupe index; analysis runs unlocked.
+    """
+    try:
+        return state().enroller().enroll(handle, photos, consent=consent, kinds=kinds,
+                                         names=names, pick=pick, actor=p.actor)
+    except PhotoRejected as exc:
+        raise per_photo(names, exc) from None
+
+
+def identity_exists(handle: str) -> bool:
+    with state().vault.session() as s:
+        try:
+            identities.get_identity(s, handle)
+        except NotFound:
+            return False
+    return True
+
+
+def parse_kinds(raw: str | None) -> tuple[str, ...]:
+    if raw is None or not raw.strip():
+        return ("face",)
+    from encoders.enrollment import ENROLL_KINDS
+
+    kinds = tuple(dict.fromkeys(k.strip() for k in raw.split(",") if k.strip()))
+    unknown = [k for k in kinds if k not in ENROLL_KINDS]
+    if unknown or len(raw) > 64:
+        raise InvalidInput(f"'kinds' is a comma-separated list of {', '.join(ENROLL_KINDS)} "
+                           f"(unknown: {', '.join(unknown) or raw[:64]})")
+    return ("face", *[k for k in kinds if k != "face"])
+
+
+def per_photo(names: list[str], exc: PhotoRejected) -> PhotoRejected:
+    """The rejection with a result for every photo, accepted ones included."""
+    reasons = exc.details.get("photos") or {names[0]: str(exc)}
+    photos = [{"photo": n, "ok": n not in reasons, "reason": reasons.get(n)} for n in names]
+    return PhotoRejected(str(exc), photos=photos)
+
+
+@bp.op("/identities/<owner>/<name>/enroll", "POST",
+       summary="Enroll photos: create the identity (with consent) or add photos to it",
+       scope="identities:write", path_params=HANDLE_PARAMS,
+       body={"required": True, "content": {"multipart/form-data": {"schema": {
+           "type": "object", "required": ["photos"],
+           "properties": {
+               "photos": PHOTOS_SCHEMA,
+               "consent": {"type": "string", "description": "the consent record, JSON "
+                           "(docs/consent.md; not 'evidence_file'); required for a new "
+                           "identity, refused for an existing one"},
+               "evidence": {"type": "string", "format": "binary", "description":
+                            "the consent evidence (a signed form); only its SHA-256 is kept"},
+               "pick": PICK_SCHEMA,
+               "kinds": {"type": "string", "maxLength": 64, "description":
+                         "artifacts to compute, comma-separated (default 'face'; 'photomaker' "
+                         "and 'storymaker' need their checkpoints on the server)"}}}}}},
+       responses={
+           "201": json_response("a new identity: active, or held for review",
+                                ref("EnrollmentReport")),
+           "200": json_response("photos added to an existing identity",
+                                ref("EnrollmentReport")),
+           "409": json_response("the face matches an existing identity (details: handle, "
+                                "score, decision), or the identity is held", ref("Error")),
+           "422": json_response("photos rejected (details.photos: one result per photo) or "
+                                "the consent record is invalid", ref("Error"))})
+def enroll(owner: str, name: str):
+    p = require("identities:write")
+    handle = handle_in_owner(p, owner, name)
+    _multipart(ENROLL_FORM, ENROLL_FILES)
+    photos, names = read_photos()
+    consent_raw = request.form.get("consent")
+    evidence = request.files.get("evidence")
+    evidence_bytes = None
+    if evidence is not None:
+        evidence_bytes = evidence.read(MAX_EVIDENCE_BYTES + 1)
+        if len(evidence_bytes) > MAX_EVIDENCE_BYTES:
+            raise InvalidInput(f"the evidence file is limited to {MAX_EVIDENCE_BYTES} bytes")
+    pick = parse_pick(request.form.get("pick"))
+    exists = identity_exists(handle)
+    consent = None
+    if consent_raw is not None and consent_raw.strip():
+        if exists:
+            raise InvalidInput(f"{handle} already exists with its consent record; adding "
+                               "photos takes no consent (leave 'consent' out)")
+        try:
+            doc = json.loads(consent_raw)
+        except ValueError as exc:
+            raise InvalidInput(f"'consent' is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidInput("'consent' is not valid JSON: nested too deeply") from None
+        consent = parse_consent(doc, evidence_bytes)
+    elif not exists:
+        raise InvalidInput(f"{handle} is a new identity: enrolling it needs a consent record "
+                           "(the 'consent' field)")
+    report = enroll_photos(p, handle, photos, names, consent=consent, pick=pick,
+                           kinds=parse_kinds(request.form.get("kinds")))
+    return jsonify(report.to_json()), (200 if report.status == "updated" else 201)
+
+
+@bp.op("/photos/check", "POST", summary="Check photos for enrollment without storing "
+       "anything: one result per photo", scope="identities:write",
+       body={"required": True, "content": {"multipart/form-data": {"schema": {
+           "type": "object", "required": ["photos"],
+           "properties": {"photos": PHOTOS_SCHEMA, "pick": PICK_SCHEMA}}}}},
+       responses={"200": json_response("one result per photo", ref("PhotoChecks"))})
+def check_photos():
+    require("identities:write")
+    _multipart({"pick", "csrf_token"}, PHOTO_FIELDS)
+    photos, names = read_photos()
+    pick = parse_pick(request.form.get("pick"))
+    analyzer = state().enroller().analyzer
+    out = []
+    for data, label in zip(photos, names, strict=True):
+        try:
+            r = analyzer.analyze(data, pick=pick, name=label)
+        except PhotoRejected as exc:
+            out.append({"photo": label, "ok": False, "reason": str(exc)})
+        else:
+            out.append({"photo": label, "ok": True, "reason": None,
+                        "faces_found": r.faces_found, "face": r.face_index,
+                        "det_score": round(r.det_score, 3), "face_px": round(r.face_px, 1),
+                        "blur": round(r.blur, 1)})
+    return jsonify({"photos": out})

@@ -1,0 +1,32 @@
+"""The API's own routes: its OpenAPI document, a health check, and who am I."""
+
+from __future__ import annotations
+
+from flask import jsonify
+
+from web.api import ApiBlueprint, json_response, ref
+from web.auth import require
+
+bp = ApiBlueprint("meta", __name__, tag="meta")
+
+
+@bp.op("/openapi.json", "GET", summary="This API's OpenAPI 3 document", scope=None,
+       public=True, responses={"200": json_response("the document", {"type": "object"})})
+def openapi_document():
+    from web.openapi import build_document
+
+    return jsonify(build_document())
+
+
+@bp.op("/health", "GET", summary="Liveness: the server answers (no authentication)",
+       scope=None, public=True,
+       responses={"200": json_response("the server is up", ref("Health"))})
+def health():
+    return jsonify({"status": "ok"})
+
+
+@bp.op("/me", "GET", summary="The caller: its owner, how it authenticated, its scopes",
+       scope=None, responses={"200": json_response("the caller", ref("Me"))},
+       description="Any valid API key or session; a session may have no owner yet.")
+def me():
+    return jsonify(require(None, owner=False).to_json())

@@ -1,0 +1,312 @@
+"""The Flask application: ``create_app(config)`` builds the JSON API and the UI.
+
+One app serves one vault. Blueprints: ``/v1`` (the JSON API, one blueprint
+per area, ``web/api/``) and the HTML UI (``web/ui/``). Both call the same
+vault services the CLI uses. ``idvault serve`` runs the app on waitress, a
+production WSGI server (``web/serve.py``); docs/web.md describes the whole.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import os
+import secrets
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from flask import Flask, request
+from flask.sessions import SecureCookieSessionInterface
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session
+
+from vault.config import Settings
+from vault.errors import InvalidInput
+from vault.jobs import JobQueue
+from vault.vault import Vault
+from web import errors as web_errors
+from web.auth import LoginThrottle, csrf_token, current_principal
+
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+SECRET_FILE = "web-secret.key"
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+       "font-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+       "form-action 'self'; frame-ancestors 'none'")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=()",
+}
+# Pages anyone may cache (nothing personal on them).
+PUBLIC_CACHEABLE = ("/static/",)
+
+
+@dataclass
+class WebConfig:
+    """Settings of the web app (docs/web.md#configuration).
+
+    ``settings`` locate the vault (default: ``Settings.from_env()``); pass an
+    opened ``vault`` instead to share one (tests). ``models_dir`` and
+    ``pack`` choose the face models enrollment uses.
+    """
+
+    settings: Settings | None = None
+    vault: Vault | None = None
+    models_dir: Path | None = None  # IDVAULT_MODELS
+    pack: str = "buffalo_l"
+    secret_key: str | None = None  # IDVAULT_SECRET_KEY; default DATA_DIR/web-secret.key
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # IDVAULT_MAX_REQUEST_BYTES
+    max_photos: int = 32  # photos per enrollment request
+    trust_proxy: bool = False  # IDVAULT_TRUST_PROXY
+    run_jobs: bool = True  # start the embedded job worker thread
+    # Modules imported at start so the job kinds they register can run here
+    # (e.g. the generator's); IDVAULT_JOB_MODULES, comma-separated.
+    job_modules: tuple[str, ...] = ()
+    session_hours: float = 12.0
+    login_attempts: int = 5  # failed sign-ins per user / address in 5 minutes
+    extra: dict = field(default_factory=dict)  # Flask config overrides
+
+    def __post_init__(self) -> None:
+        if self.max_request_bytes <= 0:
+            raise InvalidInput("max_request_bytes must be positive")
+        if not 1 <= self.max_photos <= 64:
+            raise InvalidInput("max_photos must be between 1 and 64")
+
+    @property
+    def session_ttl(self) -> dt.timedelta:
+        return dt.timedelta(hours=self.session_hours)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object
+                 ) -> WebConfig:
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        if environ.get("IDVAULT_SECRET_KEY"):
+            values["secret_key"] = environ.get("IDVAULT_SECRET_KEY")
+        raw = environ.get("IDVAULT_MAX_REQUEST_BYTES")
+        if raw:
+            try:
+                values["max_request_bytes"] = int(raw)
+            except ValueError:
+                raise InvalidInput(f"IDVAULT_MAX_REQUEST_BYTES={raw!r} is not an integer") \
+                    from None
+        if environ.get("IDVAULT_TRUST_PROXY"):
+            values["trust_proxy"] = environ.get("IDVAULT_TRUST_PROXY", "").lower() in (
+                "1", "true", "yes")
+        if environ.get("IDVAULT_JOB_MODULES"):
+            values["job_modules"] = tuple(
+                m.strip() for m in environ.get("IDVAULT_JOB_MODULES", "").split(",") if m.strip())
+        if environ.get("IDVAULT_MODELS"):
+            values["models_dir"] = Path(environ.get("IDVAULT_MODELS", ""))
+        names = {f.name for f in fields(cls)}
+        values.update({k: v for k, v in overrides.items() if v is not None and k in names})
+        return cls(**values)  # type: ignore[arg-type]
+
+
+class AppState:
+    """What the views share: the vault, the job queue, the face analyser, locks."""
+
+    def __init__(self, config: WebConfig, vault: Vault, owns_vault: bool) -> None:
+        self.config = config
+        self.vault = vault
+        self.owns_vault = owns_vault
+        self.jobs = JobQueue(vault)
+        self.login_throttle = LoginThrottle(limit=config.login_attempts)
+        self._enroller = None
+        self._lock = threading.Lock()
+        self._owner_locks: dict[str, threading.Lock] = {}
+        self._read_engine = _read_engine(vault)
+
+    def enroller(self):
+        """The face enrollment flow, loaded on first use (ModelUnavailable -> 503)."""
+        if self._enroller is None:
+            with self._lock:
+                if self._enroller is None:
+                    from encoders.enrollment import Enroller
+                    from encoders.face_analyzer import FaceAnalyzer
+
+                    analyzer = FaceAnalyzer.from_models_dir(self.config.models_dir,
+                                                            pack=self.config.pack)
+                    self._enroller = Enroller(LockedStore(self.vault, self), analyzer,
+                                              models_dir=self.config.models_dir)
+        return self._enroller
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A read-only transaction for the hot read paths (auth, lookups).
+
+        On SQLite the vault's sessions begin with ``BEGIN IMMEDIATE`` (the
+        write lock), which serialises concurrent readers; these begin a
+        deferred read transaction on a ``query_only`` connection instead, so
+        readers see one consistent WAL snapshot and neither wait for nor
+        block writers. On PostgreSQL it is the vault's engine, read-only.
+        """
+        with Session(self._read_engine, expire_on_commit=False) as s, s.begin():
+            yield s
+            s.rollback()
+
+    def owner_lock(self, owner: str) -> threading.Lock:
+        """Serialises this process's enrollment writes per owner (dedupe index consistency)."""
+        with self._lock:
+            return self._owner_locks.setdefault(owner, threading.Lock())
+
+    def close(self) -> None:
+        self.jobs.stop()
+        if self._read_engine is not self.vault.engine:
+            self._read_engine.dispose()
+        if self.owns_vault:
+            self.vault.dispose()
+
+
+def _read_engine(vault: Vault) -> Engine:
+    engine = vault.engine
+    if engine.dialect.name != "sqlite":
+        return engine
+    url = engine.url.render_as_string(hide_password=False)
+    reader = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    reader.dialect.isolation_level = None  # type: ignore[attr-defined]
+
+    @event.listens_for(reader, "connect")
+    def _on_connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA query_only=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(reader, "begin")
+    def _on_begin(conn):
+        conn.exec_driver_sql("BEGIN")  # deferred: a WAL read snapshot, no write lock
+
+    return reader
+
+
+class LockedStore:
+    """The vault, with ``store_enrollment`` under the owner's lock of this process.
+
+    The dedupe index is updated right after the enrollment's transaction
+    commits; holding the owner's lock across both keeps a concurrent
+    enrollment of the same owner from searching the index in between.
+    """
+
+    def __init__(self, vault: Vault, state: AppState) -> None:
+        self._vault, self._state = vault, state
+
+    def __getattr__(self, name: str):
+        return getattr(self._vault, name)
+
+    def store_enrollment(self, handle: str, *args, **kwargs):
+        from vault.handles import Handle
+
+        with self._state.owner_lock(Handle.parse(handle).owner):
+            return self._vault.store_enrollment(handle, *args, **kwargs)
+
+
+class _SessionInterface(SecureCookieSessionInterface):
+    """Flask's signed cookie, marked Secure whenever the request came over https."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        try:
+            return bool(app.config["SESSION_COOKIE_SECURE"] or request.is_secure)
+        except RuntimeError:  # outside a request
+            return bool(app.config["SESSION_COOKIE_SECURE"])
+
+
+def _secret_key(config: WebConfig, settings: Settings) -> str:
+    if config.secret_key:
+        if len(config.secret_key) < 32:
+            raise InvalidInput("the web secret key must be at least 32 characters")
+        return config.secret_key
+    path = settings.data_dir / SECRET_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    key = secrets.token_urlsafe(48)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process won the race
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def create_app(config: WebConfig | None = None) -> Flask:
+    """The idvault web app for one vault (see ``WebConfig``)."""
+    config = config or WebConfig.from_env()
+    for module in config.job_modules:
+        try:
+            importlib.import_module(module)  # registers its job kinds
+        except ImportError as exc:
+            raise InvalidInput(f"cannot import job module {module!r}: {exc}") from None
+    owns = config.vault is None
+    vault = config.vault or Vault.open(config.settings or Settings.from_env())
+    settings = vault.settings
+    app = Flask(__name__, static_folder="static", template_folder="templates")
+    app.config.update(
+        SECRET_KEY=_secret_key(config, settings),
+        MAX_CONTENT_LENGTH=config.max_request_bytes,
+        MAX_FORM_MEMORY_SIZE=1024 * 1024,
+        MAX_FORM_PARTS=200,  # more photos than max_photos get a 400 that says so
+        SESSION_COOKIE_NAME="idvault_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=False,
+        PERMANENT_SESSION_LIFETIME=config.session_ttl,
+        JSON_SORT_KEYS=True,
+        TRAP_HTTP_EXCEPTIONS=False,
+    )
+    app.config.update(config.extra)
+    app.session_interface = _SessionInterface()
+    if config.trust_proxy:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore
+
+    state = AppState(config, vault, owns)
+    app.extensions["idvault"] = state
+
+    web_errors.register(app)
+    from web.api import create_api_blueprint
+    from web.ui import create_ui_blueprint
+
+    app.register_blueprint(create_api_blueprint())
+    app.register_blueprint(create_ui_blueprint())
+
+    @app.after_request
+    def _headers(resp):
+        for k, v in SECURITY_HEADERS.items():
+            resp.headers.setdefault(k, v)
+        if request.is_secure:
+            resp.headers.setdefault("Strict-Transport-Security",
+                                    "max-age=31536000; includeSubDomains")
+        if not request.path.startswith(PUBLIC_CACHEABLE):
+            resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
+
+    @app.context_processor
+    def _template_globals() -> dict:
+        def principal():
+            try:
+                return current_principal()
+            except Exception:  # noqa: BLE001 - a bad key must not break an error page
+                return None
+
+        return {"csrf_token": csrf_token, "principal": principal}
+
+    if config.run_jobs:
+        state.jobs.start()
+    return app
+
+
+def app_state(app: Flask) -> AppState:
+    return app.extensions["idvault"]

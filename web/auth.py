@@ -1,0 +1,280 @@
+"""Who is calling, for which owner, allowed to do what.
+
+Every request acts for exactly one owner, through one of:
+
+* an **API key** (``Authorization: Bearer idv_...``): the key's owner and
+  scopes;
+* a **UI session** (the ``idvault_session`` cookie): the signed-in user, the
+  owner the session currently acts for, and the scopes of the user's role
+  there (``vault.accounts.ROLE_SCOPES``). Unsafe requests made with a
+  session (forms, and the UI's own calls to ``/v1``) must carry the
+  session's CSRF token (form field ``csrf_token`` or header
+  ``X-CSRF-Token``).
+
+Handles of other owners are answered exactly as handles that do not exist
+(404 with the same message), so nothing of another owner can be seen or
+guessed. A missing scope or role is a 403 that names what is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flask import current_app, g, redirect, request, session, url_for
+from sqlalchemy import select
+
+from vault import accounts, api_keys
+from vault.errors import NotFound
+from vault.handles import Handle
+from vault.models import Owner, WebSession
+from web.errors import Forbidden, TooManyRequests, Unauthorized
+
+SESSION_KEY = "sid"
+CSRF_KEY = "csrf"
+UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller: how it authenticated, its owner, and what it may do."""
+
+    via: str  # "api_key" | "session"
+    owner_id: int | None
+    owner: str | None
+    owner_kind: str | None
+    scopes: frozenset[str]
+    role: str | None = None
+    username: str | None = None
+    user_id: int | None = None
+    superuser: bool = False
+    key_id: int | None = None
+    key_prefix: str | None = None
+    key_name: str | None = None
+    must_change_password: bool = False
+    owners: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (owner, role)
+
+    @property
+    def actor(self) -> str:
+        if self.via == "api_key":
+            return f"api:{self.key_prefix}"
+        return f"user:{self.username}"
+
+    def to_json(self) -> dict:
+        doc = {"via": self.via, "owner": None, "scopes": sorted(self.scopes),
+               "role": self.role, "username": self.username, "key": None}
+        if self.owner is not None:
+            doc["owner"] = {"name": self.owner, "kind": self.owner_kind}
+        if self.key_id is not None:
+            doc["key"] = {"id": self.key_id, "prefix": self.key_prefix, "name": self.key_name}
+        return doc
+
+
+def _state():
+    return current_app.extensions["idvault"]
+
+
+# -- CSRF -----------------------------------------------------------------------------------
+def csrf_token() -> str:
+    """This browser session's CSRF token (created on first use)."""
+    token = session.get(CSRF_KEY)
+    if not token:
+        token = session[CSRF_KEY] = secrets.token_urlsafe(32)
+    return token
+
+
+def check_csrf() -> None:
+    expected = session.get(CSRF_KEY)
+    given = request.headers.get("X-CSRF-Token") or (
+        request.form.get("csrf_token") if request.mimetype in (
+            "application/x-www-form-urlencoded", "multipart/form-data") else None)
+    if not expected or not given or not hmac.compare_digest(str(expected), str(given)):
+        raise Forbidden("missing or wrong CSRF token: reload the page and try again",
+                        reason="csrf")
+
+
+# -- resolving the caller ---------------------------------------------------------------------
+def _from_api_key(token: str) -> Principal:
+    st = _state()
+    with st.read_session() as s:
+        try:
+            key, owner = api_keys.authenticate(s, token, touch=False)
+        except api_keys.KeyRefused as exc:
+            raise Unauthorized(str(exc)) from None
+        due = api_keys.needs_touch(key)
+        p = Principal("api_key", owner.id, owner.name, owner.kind, frozenset(key.scopes),
+                      key_id=key.id, key_prefix=key.prefix, key_name=key.name)
+    if due:  # at most once a minute per key: lookups stay reads
+        with st.vault.session() as s:
+            api_keys.touch(s, p.key_id)
+    return p
+
+
+def _from_session() -> Principal | None:
+    token = session.get(SESSION_KEY)
+    if not token:
+        return None
+    st = _state()
+    with st.vault.session() as s:
+        found = accounts.resume_session(s, token)
+        if found is None:
+            return None
+        row, user = found
+        owners = accounts.owners_of(s, user)
+        roles = {o.id: (o, r) for o, r in owners}
+        if row.owner_id not in roles:
+            row.owner_id = owners[0][0].id if owners else None
+        owner, role = roles.get(row.owner_id, (None, None))
+        scopes = frozenset(accounts.ROLE_SCOPES[role]) if role else frozenset()
+        return Principal("session", owner.id if owner else None, owner.name if owner else None,
+                         owner.kind if owner else None, scopes, role=role,
+                         username=user.username, user_id=user.id, superuser=user.superuser,
+                         must_change_password=user.must_change_password,
+                         owners=tuple((o.name, r) for o, r in owners))
+
+
+def current_principal() -> Principal | None:
+    """The caller of this request (cached on ``g``); raises Unauthorized for a bad key."""
+    if "principal" not in g:
+        header = request.headers.get("Authorization", "")
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthorized("use 'Authorization: Bearer <API key>'")
+            g.principal = _from_api_key(token.strip())
+        else:
+            g.principal = _from_session()
+    return g.principal
+
+
+def require(scope: str | None = None, *, owner: bool = True) -> Principal:
+    """The caller, who must be authenticated, act for an owner and hold ``scope``."""
+    p = current_principal()
+    if p is None:
+        raise Unauthorized("authentication required: send 'Authorization: Bearer <API key>' "
+                           "or sign in")
+    if p.via == "session" and request.method in UNSAFE:
+        check_csrf()
+    if owner and p.owner is None:
+        raise Forbidden("this account is not a member of any owner yet; ask an admin to add "
+                        "you, or create an owner (superusers)")
+    if scope is not None and scope not in p.scopes:
+        if p.via == "api_key":
+            raise Forbidden(f"this API key lacks the scope {scope!r} (it has: "
+                            f"{', '.join(sorted(p.scopes))})", needed=scope)
+        raise Forbidden(f"your role in {p.owner} ({p.role}) does not allow this (needs "
+                        f"{scope!r})", needed=scope)
+    return p
+
+
+def handle_in_owner(p: Principal, owner: str, name: str) -> str:
+    """``owner/name`` checked: valid, and of the caller's owner (else the same 404)."""
+    h = Handle.parse(f"{owner}/{name}")
+    if h.owner != p.owner:
+        raise NotFound(f"no identity {h}")
+    return str(h)
+
+
+# -- UI sign-in -------------------------------------------------------------------------------
+class LoginThrottle:
+    """At most ``limit`` failed sign-ins per username and per client address in ``window``."""
+
+    def __init__(self, limit: int = 5, window: float = 300.0) -> None:
+        self.limit, self.window = limit, window
+        self._fails: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, key: str, now: float) -> list[float]:
+        times = [t for t in self._fails.get(key, []) if now - t < self.window]
+        self._fails[key] = times
+        return times
+
+    def check(self, *keys: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for key in keys:
+                times = self._recent(key, now)
+                if len(times) >= self.limit:
+                    wait = int(self.window - (now - times[0])) + 1
+                    raise TooManyRequests(f"too many failed sign-ins; try again in {wait} s",
+                                          retry_after=wait)
+
+    def failed(self, *keys: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for key in keys:
+                self._recent(key, now).append(now)
+            if len(self._fails) > 10_000:  # bound memory under a spray of names
+                self._fails = {k: v for k, v in self._fails.items() if v}
+
+    def succeeded(self, *keys: str) -> None:
+        with self._lock:
+            for key in keys:
+                self._fails.pop(key, None)
+
+
+def sign_in(username: str, password: str) -> accounts.User | None:
+    st = _state()
+    keys = (f"user:{username.strip().lower()[:64]}", f"ip:{request.remote_addr}")
+    st.login_throttle.check(*keys)
+    with st.vault.session() as s:
+        user = accounts.authenticate(s, username, password)
+        if user is None:
+            st.login_throttle.failed(*keys)
+            return None
+        owners = accounts.owners_of(s, user)
+        token = accounts.create_session(s, user, owners[0][0].id if owners else None,
+                                        ttl=st.config.session_ttl)
+    st.login_throttle.succeeded(keys[0])
+    session.clear()
+    session.permanent = True
+    session[SESSION_KEY] = token
+    csrf_token()
+    return user
+
+
+def sign_out() -> None:
+    token = session.get(SESSION_KEY)
+    if token:
+        with _state().vault.session() as s:
+            accounts.end_session(s, token)
+    session.clear()
+
+
+def switch_owner(p: Principal, owner: str) -> None:
+    names = dict(p.owners)
+    if owner not in names:
+        raise NotFound(f"no owner {owner!r}")
+    token = session.get(SESSION_KEY)
+    with _state().vault.session() as s:
+        owner_id = s.scalar(select(Owner.id).where(Owner.name == owner))
+        row = s.get(WebSession, accounts._token_id(token))
+        if row is not None:
+            row.owner_id = owner_id
+
+
+def ui_login_required(scope: str | None = None, *, owner: bool = True) -> Callable:
+    """For UI pages: redirect to the sign-in page when nobody is signed in."""
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            p = current_principal()
+            if p is None or p.via != "session":
+                return redirect(url_for("ui.account.login", next=request.full_path.rstrip("?")))
+            if p.must_change_password and request.endpoint not in ("ui.account.password",
+                                                                    "ui.account.logout"):
+                return redirect(url_for("ui.account.password"))
+            if owner and p.owner is None:
+                return redirect(url_for("ui.account.no_owner"))
+            require(scope, owner=owner)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    return deco

@@ -1,0 +1,218 @@
+"""The roster, the enrollment wizard and the identity page."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from flask import Blueprint, redirect, request, url_for
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from vault import audit, identities
+from vault.consent import PURPOSES
+from vault.errors import (
+    ConsentError,
+    DuplicateIdentity,
+    InvalidInput,
+    NotFound,
+    PhotoRejected,
+    VaultError,
+)
+from vault.models import Identity
+from web.api.artifacts import download_artifact
+from web.api.enrollment import (
+    MAX_EVIDENCE_BYTES,
+    enroll_photos,
+    identity_exists,
+    parse_pick,
+    safe_names,
+)
+from web.api.identities import parse_consent
+from web.auth import handle_in_owner, ui_login_required
+from web.ui.common import me, notice, page, state
+
+bp = Blueprint("roster", __name__)
+PAGE = 50
+
+
+@bp.route("/")
+@ui_login_required("identities:read")
+def roster():
+    p = me()
+    cursor = request.args.get("after", "")[:64]
+    status = request.args.get("status") or None
+    with state().vault.session() as s:
+        owner = identities.get_owner(s, p.owner)
+        q = (select(Identity).where(Identity.owner_id == owner.id).order_by(Identity.name)
+             .limit(PAGE + 1).options(selectinload(Identity.consents),
+                                      selectinload(Identity.owner),
+                                      selectinload(Identity.artifacts)))
+        if cursor:
+            q = q.where(Identity.name > cursor)
+        if status in ("active", "held", "withdrawn"):
+            q = q.where(Identity.status == status)
+        rows = list(s.scalars(q))
+        total = identities.count_identities(s, p.owner)
+    more = len(rows) > PAGE
+    people = [identities.describe_identity(i) for i in rows[:PAGE]]
+    pending = len(state().vault.list_reviews(p.owner))
+    return page("roster.html", people=people, total=total, pending=pending, status=status,
+                next_cursor=people[-1]["handle"].split("/")[1] if more else None)
+
+
+def _consent_doc(form) -> dict:
+    doc = {"subject": form.get("subject", "").strip(),
+           "given_by": form.get("given_by", ""),
+           # 'enroll' is always granted: the wizard shows it ticked and disabled.
+           "purposes": list(dict.fromkeys(["enroll", *form.getlist("purposes")])),
+           "retain_until": form.get("retain_until", "")}
+    if doc["given_by"] == "guardian":
+        doc["guardian_name"] = form.get("guardian_name", "").strip()
+    if form.get("evidence_sha256", "").strip():
+        doc["evidence_sha256"] = form.get("evidence_sha256", "").strip().lower()
+    return doc
+
+
+def _wizard(status: int = 200, **ctx):
+    default_retain = (dt.date.today() + dt.timedelta(days=3 * 365)).isoformat()
+    return page("enroll.html", status, purposes=PURPOSES, default_retain=default_retain,
+                min_retain=(dt.date.today() + dt.timedelta(days=1)).isoformat(), **ctx)
+
+
+@bp.route("/enroll", methods=["GET", "POST"])
+@ui_login_required("identities:write")
+def enroll():
+    p = me()
+    if request.method == "GET":
+        return _wizard(form={})
+    form = request.form
+    kept = {k: form.get(k, "") for k in ("name", "subject", "given_by", "guardian_name",
+                                         "retain_until", "evidence_sha256", "pick")}
+    kept["purposes"] = form.getlist("purposes")
+    name = form.get("name", "").strip()
+    try:
+        handle = handle_in_owner(p, p.owner, name)
+        if identity_exists(handle):
+            raise InvalidInput(f"{handle} already exists: add photos on its page instead")
+        files = [f for f in request.files.getlist("photos") if f.filename]
+        if not files:
+            raise InvalidInput("choose one or more photos of the person")
+        if len(files) > state().config.max_photos:
+            raise InvalidInput(f"at most {state().config.max_photos} photos at a time")
+        evidence = request.files.get("evidence")
+        evidence_bytes = None
+        if evidence is not None and evidence.filename:
+            evidence_bytes = evidence.read(MAX_EVIDENCE_BYTES + 1)
+            if len(evidence_bytes) > MAX_EVIDENCE_BYTES:
+                raise InvalidInput("the evidence file is limited to 20 MB")
+        consent = parse_consent(_consent_doc(form), evidence_bytes)
+        names = safe_names([f.filename for f in files])
+        report = enroll_photos(p, handle, [f.read() for f in files], names, consent=consent,
+                               pick=parse_pick(form.get("pick")))
+    except DuplicateIdentity as exc:
+        return _wizard(409, form=kept, duplicate={"handle": exc.handle, "score": exc.score,
+                                                  "decision": exc.decision,
+                                                  "message": str(exc)})
+    except PhotoRejected as exc:
+        return _wizard(422, form=kept, error="Some photos cannot be used; nothing was "
+                                             "stored.",
+                       photos=exc.details.get("photos") or [])
+    except (InvalidInput, ConsentError, NotFound) as exc:
+        problems = exc.details.get("problems") or []
+        return _wizard(400, form=kept, error=str(exc) if not problems else
+                       "The consent record is incomplete:", problems=problems)
+    o, n = report.handle.split("/")
+    if report.status == "held":
+        m = report.top_match or {}
+        notice(f"{report.handle} is held for review: the face resembles {m.get('handle')} "
+               f"(similarity {m.get('score', 0):.2f}). Decide in the review queue.", "warn")
+    else:
+        notice(f"Enrolled {report.handle} from {len(report.photos)} photo(s).")
+    return redirect(url_for("ui.roster.identity", owner=o, name=n))
+
+
+@bp.route("/identities/<owner>/<name>")
+@ui_login_required("identities:read")
+def identity(owner: str, name: str):
+    p = me()
+    handle = handle_in_owner(p, owner, name)
+    doc = state().vault.describe(handle)
+    with state().vault.session() as s:
+        events = [{"seq": e.seq, "at": audit.canonical_time(e.at), "action": e.action,
+                   "actor": e.actor, "details": e.details}
+                  for e in audit.events(s, owner=p.owner, subject=handle, limit=50)]
+    reviews = [r for r in state().vault.list_reviews(p.owner) if r["handle"] == handle]
+    return page("identity.html", person=doc, events=events, reviews=reviews)
+
+
+@bp.route("/identities/<owner>/<name>/photos", methods=["POST"])
+@ui_login_required("identities:write")
+def add_photos(owner: str, name: str):
+    p = me()
+    handle = handle_in_owner(p, owner, name)
+    state().vault.describe(handle)
+    files = [f for f in request.files.getlist("photos") if f.filename]
+    try:
+        if not files:
+            raise InvalidInput("choose one or more photos")
+        report = enroll_photos(p, handle, [f.read() for f in files],
+                               safe_names([f.filename for f in files]))
+    except PhotoRejected as exc:
+        reasons = [ph["reason"] for ph in exc.details.get("photos", []) if ph.get("reason")]
+        notice("Photos not added: " + ("; ".join(reasons) or str(exc)), "error")
+    except VaultError as exc:
+        notice(f"Photos not added: {exc}", "error")
+    else:
+        notice(f"Added {len(report.photos)} photo(s) to {handle}.")
+    return redirect(url_for("ui.roster.identity", owner=owner, name=name))
+
+
+@bp.route("/identities/<owner>/<name>/delete", methods=["POST"])
+@ui_login_required("identities:write")
+def delete(owner: str, name: str):
+    p = me()
+    handle = handle_in_owner(p, owner, name)
+    state().vault.describe(handle)
+    if request.form.get("confirm", "").strip().removeprefix("@") != handle:
+        notice(f"Not erased: type {handle} to confirm.", "error")
+        return redirect(url_for("ui.roster.identity", owner=owner, name=name))
+    st = state()
+    with st.owner_lock(p.owner):
+        receipt = st.vault.delete_identity(handle, actor=p.actor,
+                                           reason=f"requested by {p.actor}")
+    return page("receipt.html", handle=handle, receipt=json.dumps(receipt, indent=2,
+                                                                  sort_keys=True))
+
+
+@bp.route("/identities/<owner>/<name>/withdraw", methods=["POST"])
+@ui_login_required("identities:write")
+def withdraw(owner: str, name: str):
+    p = me()
+    handle = handle_in_owner(p, owner, name)
+    if request.form.get("confirm") != "yes":
+        notice("Consent not withdrawn: tick the box to confirm.", "error")
+        return redirect(url_for("ui.roster.identity", owner=owner, name=name))
+    reason = request.form.get("reason", "").strip()[:500] or None
+    st = state()
+    with st.owner_lock(p.owner):
+        result = st.vault.withdraw_consent(handle, reason=reason, actor=p.actor)
+    if "receipt" in result:
+        return page("receipt.html", handle=handle, withdrawn=True,
+                    receipt=json.dumps(result["receipt"], indent=2, sort_keys=True))
+    notice(f"Consent for {handle} withdrawn: blocked from every use; kept until its "
+           "retention date (the owner's policy), then erased.", "warn")
+    return redirect(url_for("ui.roster.identity", owner=owner, name=name))
+
+
+@bp.route("/identities/<owner>/<name>/artifacts/<artifact_id>/download")
+@ui_login_required("artifacts:read")
+def download(owner: str, name: str, artifact_id: str):
+    return download_artifact(owner, name, artifact_id)
+
+
+@bp.route("/jobs")
+@ui_login_required("identities:read")
+def jobs():
+    p = me()
+    return page("jobs.html", jobs=state().jobs.list(p.owner, limit=100))
