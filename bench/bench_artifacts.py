@@ -225,7 +225,7 @@ def relax_sync(vault: Vault) -> None:
     costs where commits are cheap (a disk with a fast fsync, or batching).
     """
     for engine in (vault.engine, vault.keystore_engine):
-        def _off(dbapi_conn, _record):  # noqa: ANN001
+        def _off(dbapi_conn, _record):
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA synchronous=OFF")
             cur.close()

@@ -146,7 +146,7 @@ def single_latency(idx: OwnerIndex, queries: np.ndarray, n: int, budget_s: float
     return out
 
 
-class faiss_threads:  # noqa: N801
+class faiss_threads:
     """Temporarily set faiss's OpenMP thread count (process-wide)."""
 
     def __init__(self, n: int) -> None:

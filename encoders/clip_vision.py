@@ -296,7 +296,7 @@ class ClipVisionTower:
             with quiet_transformers():
                 model, info = CLIPVisionModel.from_pretrained(
                     folder, output_loading_info=True, dtype=dtype)
-        except Exception as exc:  # noqa: BLE001 - any load failure is the folder's problem
+        except Exception as exc:
             raise ModelUnavailable(
                 f"CLIP vision tower {folder}: cannot be loaded ({type(exc).__name__}: {exc})",
                 path=str(folder)) from None

@@ -113,11 +113,11 @@ def _load(pack: FacePack, providers: tuple[str, ...], det_size: tuple[int, int],
         # Warm-up: SCRFD builds a fixed-shape session for this input size on
         # first use (~1.5 s for det_10g); do it now, not on a user's photo.
         detector.detect(np.zeros((det_size[1], det_size[0], 3), np.uint8), input_size=det_size)
-    except Exception as exc:  # noqa: BLE001 - any runtime failure means a bad model
+    except Exception as exc:
         raise _unusable(pack, pack.detector_path, "detector", f"a test run failed: {exc}") from exc
     try:
         probe = recognizer.get_feat([np.zeros((112, 112, 3), np.uint8)])  # (1, D)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _unusable(pack, pack.recognizer_path, "recogniser",
                         f"a test run failed: {exc}") from exc
     probe = np.asarray(probe)
@@ -138,7 +138,7 @@ def _load(pack: FacePack, providers: tuple[str, ...], det_size: tuple[int, int],
 def _get(pack: FacePack, path: Path, role: str, providers: tuple[str, ...]):
     try:
         return get_model(str(path), providers=list(providers))
-    except Exception as exc:  # noqa: BLE001 - onnx/onnxruntime raise many types
+    except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _unusable(pack, path, role, f"it cannot be loaded ({reason[:300]})") from exc
 

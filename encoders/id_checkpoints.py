@@ -214,7 +214,7 @@ def read_pickle_checkpoint(path: Path, what: str) -> dict:
                 raise
             # Legacy (non-zip) pickles cannot be memory-mapped.
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every failure means the same to the user
+    except Exception as exc:
         raise ModelUnavailable(f"{what} {path}: {_load_failure(exc)}", path=str(path)) from None
     if not isinstance(obj, dict):
         raise ModelUnavailable(f"{what} {path}: holds a {type(obj).__name__}, not a dict of "

@@ -521,7 +521,7 @@ def load_hypernetwork(path: str | Path) -> LidbHypernetwork:
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        state = {k: f.get_tensor(k) for k in f.keys()}
     net = LidbHypernetwork(json.loads(meta["layers"]), HyperConfig(**json.loads(meta["config"])))
     net.load_state_dict(state)
     return net.eval()

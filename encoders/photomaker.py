@@ -516,7 +516,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, tu
     other: list[str] = []
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+            for key in f.keys():
                 if key.startswith("id_encoder."):
                     ids[key[len("id_encoder."):]] = f.get_tensor(key)
                 elif key.startswith("lora_weights."):

@@ -32,14 +32,18 @@ One call runs numbered steps, each timed (``GenerationResult.timings``):
    of both text encoders concatenated (768 + 1280 = 2048), pooled embedding
    of text encoder 2 (text only); the text-only prompt when PhotoMaker needs
    it; the negative prompt (zeros when none, SDXL's
-   ``force_zeros_for_empty_prompt``). One batched pass per encoder.
+   ``force_zeros_for_empty_prompt``). One batched pass per encoder; Celeb Basis
+   identities' token embeddings go in at their class-token copies (input side,
+   :meth:`ComposePipeline._inject`), LiDB's text-encoder deltas act while encoding
+   when its identity is alone in a full-frame box.
 4. ``conditioning``: the methods' fused text tokens and image tokens, the
    per-phase :class:`~generators.regional_attention.RegionalConditioning`,
    the LoRAs.
 5. ``prepare_latents``: seeded Gaussian latents (a CPU generator, so a seed
    gives the same image on any device), exactly as the diffusers pipeline.
 6. ``denoise``: the diffusers SDXL loop (classifier-free guidance, the
-   scheduler's step) with regional attention installed and the LoRAs applied;
+   scheduler's step) with regional attention installed, the LoRAs applied and
+   the methods' UNet hooks (LiDB's regional deltas) in place;
    both are taken off again afterwards, also on error, so the pipeline (and a
    plain ``StableDiffusionXLPipeline`` sharing its components) is as before.
 7. ``decode``: VAE decode and post-processing, as the diffusers pipeline.
@@ -73,6 +77,7 @@ from generators.methods import (
     IdentityMethod,
     IdentityRequest,
     ImageTokens,
+    Scene,
 )
 from generators.methods.photomaker import PhotoMakerSettings
 from generators.methods.storymaker import StoryMakerSettings
@@ -246,7 +251,7 @@ def load_sdxl(source: str | Path, *, device: torch.device | str | None = None,
     try:
         with _quiet_loading():
             pipe = StableDiffusionXLPipeline.from_pretrained(str(source), **{dtype_kw: dtype})
-    except Exception as exc:  # noqa: BLE001 - OSError, HF errors, bad configs: one meaning
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelUnavailable(f"SDXL base model {source}: cannot be loaded with "
                                f"StableDiffusionXLPipeline.from_pretrained: {first}",
@@ -378,6 +383,8 @@ class ComposePipeline:
             name: cls(models_dir, device=self.device, dtype=self.dtype,
                       settings=getattr(config, name, None))
             for name, cls in METHODS.items()}
+        for m in self.methods.values():
+            m.bind(pipe=pipe, vault=vault, base_model_id=base_model_id)
         self._regional: dict[bool, RegionalAttention] = {}
         self._projections: int | None = None  # id() of the image projections loaded
         self._lock = threading.Lock()
@@ -466,11 +473,16 @@ class ComposePipeline:
                 r.opened = self.vault.get_artifact(r.handle, r.artifact["kind"],
                                                    model_id=r.artifact["model_id"],
                                                    purpose=purpose, actor=actor)
+            for name, members in groups.items():  # e.g. a Celeb Basis basis, LiDB factors
+                self.methods[name].prepare(members)
         by_index = {r.index: r for r in requests}
         method_of = {r.index: self.methods[r.method] for r in requests}
         cfg = guidance > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+        scene = Scene(len(requests), placed[0] if placed else None)
         # 3. encode the prompt -----------------------------------------------------------
-        with clock("encode_prompt"):
+        with clock("encode_prompt"), contextlib.ExitStack() as text_hooks:
+            for name, members in groups.items():  # e.g. LiDB's text-encoder deltas
+                text_hooks.enter_context(self.methods[name].text_encoder_hooks(members, scene))
             spans = [m.scene_span for m in parsed.mentions]
             fusing = {i for i, m in method_of.items() if m.fuses_text()}
             counts = [method_of[m.identity].class_tokens(by_index[m.identity])
@@ -484,6 +496,8 @@ class ComposePipeline:
             if cfg and negative is not None:
                 rows.append(tokenize_prompt(tokenizers, negative, [], []).ids)
             embeds, pooled = self._encode(rows)  # (rows, 77, 2048), (rows, P)
+            embeds, pooled = self._inject(embeds, pooled, fused_tokens, parsed, fusing,
+                                          method_of, by_index, scene)
             if cfg and negative is None and pipe.config.force_zeros_for_empty_prompt:
                 neg_embeds, neg_pooled = torch.zeros_like(embeds[:1]), torch.zeros_like(pooled[:1])
             elif cfg:
@@ -536,10 +550,13 @@ class ComposePipeline:
                                                  fuse=self.config.fuse_lora))
             if regional is not None:
                 stack.enter_context(regional)  # install ... remove, also on error
+            for name, members in groups.items():  # e.g. LiDB's regional deltas
+                stack.enter_context(self.methods[name].unet_hooks(members, scene))
             for i, t in enumerate(timesteps):
                 phase = phases[0] if i <= merge_until else phases[-1]
                 if regional is not None:
                     regional.conditioning = phase.conditioning
+                scene.conditioning = phase.conditioning
                 model_in = torch.cat([latents] * 2) if cfg else latents
                 model_in = pipe.scheduler.scale_model_input(model_in, t)
                 noise = pipe.unet(model_in, t, encoder_hidden_states=phase.embeds,
@@ -655,6 +672,7 @@ class ComposePipeline:
         order += [n for n in self.methods if n not in order]
         reasons: dict[int, list[str]] = {r.index: [] for r in open_}
         missing: list[ModelUnavailable] = []  # methods whose weights are not installed
+        absent: set[str] = set()
         serves: dict[str, set[int]] = {}
         room: dict[str, int | None] = {}
         for name in order:
@@ -670,6 +688,7 @@ class ComposePipeline:
                 limit = m.max_identities()
             except ModelUnavailable as exc:
                 missing.append(exc)
+                absent.add(name)
                 for r in open_:
                     reasons[r.index].append(f"{name}: its weights are not in the models folder")
                 serves[name], limit = set(), 0
@@ -688,7 +707,10 @@ class ComposePipeline:
                         room[name] -= 1
                     break
             else:
-                if missing and len(missing) == len(order):
+                # Every method the identity has an artifact for lacks its weights (methods
+                # that need none -- Celeb Basis, LiDB -- count only with an artifact).
+                if missing and not any(r.artifacts_of(self.methods[n].artifact_kind)
+                                       for n in order if n not in absent):
                     raise ModelUnavailable(
                         "no identity method's weights are in the models folder:\n"
                         + "\n".join(e.message for e in missing))
@@ -697,15 +719,63 @@ class ComposePipeline:
                                    handle=r.handle)
         return out
 
-    def _encode(self, rows: Sequence[tuple[tuple[int, ...], ...]]) -> tuple[torch.Tensor,
-                                                                            torch.Tensor]:
+    def _inject(self, embeds, pooled, tokens: PromptTokens, parsed: ParsedPrompt,
+                fusing: set[int], method_of, by_index, scene: Scene):
+        """Input-embedding methods (Celeb Basis): row 0 (the identity prompt) with each
+        identity's vectors at its class-token copies. One identity in a full-frame box: the
+        whole row and its pooled embedding from the injected pass (textual inversion exactly);
+        otherwise only the identity's own positions, each from a pass with only its own
+        vectors, so that CLIP's causal attention carries no identity into the scene text, the
+        other identities or the pooled embedding (all seen everywhere)."""
+        injecting = {}
+        for i in sorted(fusing):
+            vectors = method_of[i].input_embeddings(by_index[i])
+            if vectors is not None:
+                positions = [tokens.identity[k] for k, m in enumerate(parsed.mentions)
+                             if m.identity == i]
+                injecting[i] = (positions, vectors)
+        if not injecting:
+            return embeds, pooled
+        embeds, pooled = embeds.clone(), pooled.clone()
+        for i, (positions, vectors) in injecting.items():
+            e, p = self._encode([tokens.ids], inject=(positions, vectors))
+            if scene.exact(by_index[i].handle):
+                embeds[0], pooled[0] = e[0], p[0]
+            else:
+                flat = [q for mention in positions for q in mention]
+                embeds[0, flat] = e[0, flat]
+        return embeds, pooled
+
+    def _encode(self, rows: Sequence[tuple[tuple[int, ...], ...]],
+                inject: tuple[Sequence[Sequence[int]], Mapping[str, torch.Tensor]] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of per-tokenizer ids -> (rows, 77, 2048) penultimate hidden states of both
-        encoders side by side, and text encoder 2's pooled embedding (rows, P)."""
+        encoders side by side, and text encoder 2's pooled embedding (rows, P).
+
+        ``inject``: (per mention its positions, {encoder key: (n, d)}) -- those positions'
+        input embeddings replaced by the vectors, through a forward hook on each encoder's
+        token-embedding module for this pass only (no token or table is changed)."""
         pipe = self.pipe
         hidden, pooled = [], None
         for k, encoder in enumerate((pipe.text_encoder, pipe.text_encoder_2)):
             ids = torch.tensor([row[k] for row in rows], device=encoder.device)  # (rows, 77)
-            out = encoder(ids, output_hidden_states=True)
+            handle = None
+            if inject is not None:
+                positions, vectors = inject
+                vec = vectors[("text_encoder", "text_encoder_2")[k]]
+
+                def hook(mod, args, output, positions=positions, vec=vec):
+                    output = output.clone()
+                    for mention in positions:
+                        output[:, list(mention)] = vec.to(output)
+                    return output
+
+                handle = encoder.get_input_embeddings().register_forward_hook(hook)
+            try:
+                out = encoder(ids, output_hidden_states=True)
+            finally:
+                if handle is not None:
+                    handle.remove()
             if pooled is None and out[0].ndim == 2:  # diffusers: the final encoder's pooled
                 pooled = out[0]
             hidden.append(out.hidden_states[-2])  # (rows, 77, d_k): SDXL's penultimate layer

@@ -24,7 +24,7 @@ def run(metadata: MetaData) -> None:
         _migrate(conn, metadata)
 
 
-def _migrate(connection, metadata: MetaData) -> None:  # noqa: ANN001
+def _migrate(connection, metadata: MetaData) -> None:
     # Batch mode lets later ALTERs work on SQLite (it rebuilds the table).
     context.configure(connection=connection, target_metadata=metadata, render_as_batch=True,
                       compare_type=True)

@@ -31,7 +31,7 @@ def pg_reason() -> str | None:
             with psycopg.connect(PG_ADMIN, connect_timeout=3, autocommit=True) as c:
                 c.execute("SELECT 1")
             _pg_state["reason"] = None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             _pg_state["reason"] = f"PostgreSQL at {PG_ADMIN} is not reachable: {exc}"
     return _pg_state["reason"]  # type: ignore[return-value]
 

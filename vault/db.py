@@ -51,7 +51,7 @@ def _sqlite_setup(engine: Engine, *, wal: bool, foreign_keys: bool = True) -> No
     engine.dialect.isolation_level = None  # type: ignore[attr-defined]
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+    def _on_connect(dbapi_conn, _record):
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
@@ -62,7 +62,7 @@ def _sqlite_setup(engine: Engine, *, wal: bool, foreign_keys: bool = True) -> No
         cur.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(conn):  # noqa: ANN001
+    def _on_begin(conn):
         # Writers take the lock up front so they queue instead of failing on a
         # stale snapshot; read-only sessions (READ_ONLY) must not block them.
         readonly = conn.get_execution_options().get(READ_ONLY)
@@ -97,7 +97,7 @@ def downgrade(engine: Engine, schema: str, revision: str) -> None:
     _run(engine, schema, lambda cfg: command.downgrade(cfg, revision))
 
 
-def _run(engine: Engine, schema: str, op) -> None:  # noqa: ANN001
+def _run(engine: Engine, schema: str, op) -> None:
     url = engine.url.render_as_string(hide_password=False)
     if engine.dialect.name == "sqlite":
         # SQLite alters tables by rebuilding them (drop + rename); with foreign

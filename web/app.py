@@ -119,6 +119,7 @@ class AppState:
         self.vault = vault
         self.owns_vault = owns_vault
         self.jobs = JobQueue(vault)
+        self.jobs.models_dir = config.models_dir  # type: ignore[attr-defined]  # generate jobs
         self.login_throttle = LoginThrottle(limit=config.login_attempts)
         self._enroller = None
         self._lock = threading.Lock()
@@ -298,7 +299,7 @@ def create_app(config: WebConfig | None = None) -> Flask:
         def principal():
             try:
                 return current_principal()
-            except Exception:  # noqa: BLE001 - a bad key must not break an error page
+            except Exception:
                 return None
 
         return {"csrf_token": csrf_token, "principal": principal}

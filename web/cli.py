@@ -436,12 +436,12 @@ def receipt_verify(file: Path, settings: Settings) -> None:
                f"{r['data_key']['shredded']})")
 
 
-from web.cli_faces import register as _register_face_commands  # noqa: E402
+from web.cli_faces import register as _register_face_commands
 
 _register_face_commands(cli)
-from web.cli_generate import register as _register_generate_commands  # noqa: E402
-from web.cli_personalize import register as _register_personalize_commands  # noqa: E402
-from web.cli_web import register as _register_web_commands  # noqa: E402
+from web.cli_generate import register as _register_generate_commands
+from web.cli_personalize import register as _register_personalize_commands
+from web.cli_web import register as _register_web_commands
 
 _register_generate_commands(cli)
 _register_personalize_commands(cli)  # adds `artifact export`: after the core groups
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except Exception as exc:  # noqa: BLE001 - the CLI promises no tracebacks
+    except Exception as exc:
         if os.environ.get("IDVAULT_DEBUG"):
             raise
         click.echo(f"error: unexpected {type(exc).__name__}: {exc} "

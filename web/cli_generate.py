@@ -17,7 +17,7 @@ from vault import errors
 from vault.config import Settings
 from web.cli_common import open_vault, progress_bar, vault_options
 
-METHOD_CHOICES = ("auto", "photomaker", "storymaker")
+METHOD_CHOICES = ("auto", "photomaker", "storymaker", "celeb_basis", "lidb")
 MODELS_HELP = ("Models folder with the identity methods' weights and, unless --base-model is "
                "given, the SDXL base model [env IDVAULT_MODELS; default: ~/.insightface].")
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import click
 
-from vault import errors
 from vault.config import Settings
 from web.cli_common import emit, open_vault, vault_options
 
@@ -127,34 +126,11 @@ def _run_with_progress(queue, owner: str, job_id: str) -> dict:
 def artifact_export(handle: str, fmt: str, output: Path, base_model: Path | None,
                     token: str | None, model_id: str | None, settings: Settings) -> None:
     """Export HANDLE's fitted artifact for other tools (consent: share; audited)."""
-    import safetensors.torch
+    from encoders.exports import export
 
     with open_vault(settings) as vault:
-        if fmt == "textual-inversion":
-            import torch
-
-            from encoders import celeb_basis as cb
-            from encoders import textual_inversion as ti
-
-            opened = vault.get_artifact(handle, "celeb_basis", model_id=model_id, purpose="share")
-            with vault.session() as s:
-                basis = cb.load_basis(s, opened.artifact.metadata["basis_id"])
-            coef = torch.from_numpy(opened.artifact.tensors["coefficients"].astype("float32"))
-            token = token or ti.default_token(handle)
-            tensors = ti.state_dict(coef, basis, token)
-            meta = {"token": token, "basis_id": basis.id, "format": "textual-inversion"}
-        else:
-            from encoders import lidb
-
-            if base_model is None:
-                raise errors.InvalidInput("--base-model is needed to export a LiDB LoRA (the "
-                                          "aux matrices are regenerated at its layer shapes)")
-            opened = vault.get_artifact(handle, "lidb", model_id=model_id, purpose="share")
-            weights = lidb.LidbWeights.from_artifact(opened.artifact)
-            tensors = weights.to_diffusers(lidb.layers_from_folder(base_model))
-            meta = {"format": "diffusers-lora", "source": "idvault lidb",
-                    "rank": str(weights.rank)}
-    data = safetensors.torch.save(tensors, metadata=meta)
+        data = export(vault, handle, fmt.replace("-", "_"), model_id=model_id, token=token,
+                      base_model=base_model).data
     fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "wb") as f:

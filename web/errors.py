@@ -39,11 +39,6 @@ class Forbidden(errors.VaultError):
     code = "forbidden"
 
 
-class NotImplementedYet(errors.VaultError):
-    """A documented feature that this version does not provide yet."""
-
-    code = "not_implemented"
-
 
 class UnsupportedMediaType(errors.InvalidInput):
     code = "unsupported_media_type"
@@ -62,7 +57,6 @@ STATUS: list[tuple[type[errors.VaultError], int]] = [
     (Unauthorized, 401),
     (Forbidden, 403),
     (TooManyRequests, 429),
-    (NotImplementedYet, 501),
     (ServiceUnavailable, 503),
     (UnsupportedMediaType, 415),
     (errors.DuplicateIdentity, 409),

@@ -122,6 +122,13 @@ SCHEMAS: dict[str, dict] = {
         "identity": NSTR, "params": OBJ, "result": {"type": "object", "nullable": True},
         "error": NSTR, "cancel_requested": BOOL, "attempts": INT, "created_at": STR,
         "started_at": NSTR, "finished_at": NSTR}),
+    "Verification": _obj({
+        "status": {"type": "string",
+                   "enum": ["valid", "altered", "unknown_signature", "no_manifest"]},
+        "ok": BOOL, "message": STR, "reason": NSTR, "key_id": NSTR,
+        "manifest": {"type": "object", "nullable": True,
+                     "description": "valid: what was used; otherwise the unverified claim"},
+        "summary": {"type": "array", "items": STR}}),
     "AuditEvent": _obj({"seq": INT, "at": STR, "action": STR, "actor": STR, "owner": NSTR,
                         "subject": NSTR, "details": OBJ}),
     "AuditPage": _obj({"items": {"type": "array", "items": _ref("AuditEvent")},

@@ -27,15 +27,21 @@ models folder?) and :meth:`IdentityMethod.select` (pick each identity's
 artifact; raise a clear error otherwise); then :meth:`IdentityMethod.load`
 (weights, once per pipeline), then decrypts the chosen artifacts.
 
-The seam for later methods:
+The optimisation-based methods use three more hooks:
 
-* **Celeb Basis** (two textual-inversion token embeddings per identity):
-  an input-side variant of ``fuse_text``, i.e. replacing the class token's
-  *input* embedding in each text encoder before the transformer. Add an
-  ``input_embeddings`` hook next to ``fuse_text`` and use ``class_tokens`` = 2.
-* **LiDB** (a per-identity rank-1 LoRA): ``loras()`` per identity; to keep it
-  regional, a LoRA whose output is multiplied by the identity's mask at each
-  resolution (the masks come from the same :class:`~generators.layout.Layout`).
+* ``input_embeddings(request)`` (**Celeb Basis**, :mod:`generators.methods.celeb_basis`):
+  per text encoder the vectors that replace the class-token copies' *input*
+  embeddings (before the transformer); with ``fuses_text()`` true and
+  ``class_tokens`` = 2 those positions are the identity's regional tokens.
+* ``text_encoder_hooks(requests, scene)`` / ``unet_hooks(requests, scene)``
+  (**LiDB**, :mod:`generators.methods.lidb`): context managers active while
+  the prompt is encoded / while the UNet denoises; ``scene``
+  (:class:`Scene`) tells them the layout masks and the current phase's token
+  positions, so a per-identity LoRA can act only inside its region.
+
+:meth:`IdentityMethod.bind` hands every method the pipeline, its vault and
+base-model id once; :meth:`IdentityMethod.prepare` runs right after the
+chosen artifacts are decrypted (still before any UNet work).
 
 Register a method with :func:`register_method`; ``--method NAME`` and the
 ``auto`` choice (:data:`DEFAULT_PREFERENCE`) find it by its ``name``.
@@ -43,6 +49,7 @@ Register a method with :func:`register_method`; ``--method NAME`` and the
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +67,7 @@ __all__ = [
     "IdentityMethod",
     "IdentityRequest",
     "ImageTokens",
+    "Scene",
     "register_method",
 ]
 
@@ -101,6 +109,34 @@ class ImageTokens:
     ranges: dict[str, tuple[int, int]]
 
 
+class Scene:
+    """What per-identity hooks see of one call: how many identities, the layout, and the
+    current phase's :class:`~generators.regional_attention.RegionalConditioning` (masks and
+    each identity's text positions; the pipeline sets it per phase, before the UNet runs)."""
+
+    def __init__(self, identities: int, layout=None, conditioning=None) -> None:
+        self.identities = identities
+        self.layout = layout  # generators.layout.Layout (None: no identity)
+        self.conditioning = conditioning
+
+    def exact(self, handle: str) -> bool:
+        """True when ``handle`` is the prompt's only identity and its box is the whole frame:
+        then a method applies itself everywhere, exactly as its plain (non-regional) form."""
+        return (self.identities == 1 and self.layout is not None
+                and self.layout.box(handle).full_frame)
+
+    def text_positions(self, handle: str) -> tuple[int, ...]:
+        c = self.conditioning
+        if c is None:
+            return ()
+        return next((i.text_positions for i in c.identities if i.name == handle), ())
+
+    def mask(self, handle: str, length: int, *, device, dtype) -> torch.Tensor:
+        """``(length, 1)``: the identity's soft mask over a flattened ``h x w`` feature map."""
+        m = self.conditioning.masks_for(length)[handle]
+        return torch.as_tensor(m.reshape(-1, 1), device=device, dtype=dtype)
+
+
 class IdentityMethod(ABC):
     """One way of conditioning a generation on an identity (see the module docstring).
 
@@ -122,6 +158,10 @@ class IdentityMethod(ABC):
     @classmethod
     def default_settings(cls) -> object | None:
         return None
+
+    def bind(self, *, pipe, vault, base_model_id: str) -> None:
+        """The pipeline's components, vault and base-model id (ComposePipeline calls it)."""
+        self.pipe, self.vault, self.base_model_id = pipe, vault, base_model_id
 
     # -- before any model work -----------------------------------------------------------
     @abstractmethod
@@ -148,6 +188,9 @@ class IdentityMethod(ABC):
     def loras(self) -> list[tuple[LoraWeights, float]]:
         return []
 
+    def prepare(self, requests: Sequence[IdentityRequest]) -> None:
+        """After the chosen artifacts are decrypted, before any model work (may raise)."""
+
     def image_projections(self) -> dict[str, torch.Tensor] | None:
         """Index-keyed ``to_k_ip``/``to_v_ip`` for regional attention (image-token methods)."""
         return None
@@ -170,11 +213,27 @@ class IdentityMethod(ABC):
     def image_tokens(self, requests: Sequence[IdentityRequest]) -> ImageTokens | None:
         return None
 
+    def input_embeddings(self, request: IdentityRequest) -> dict[str, torch.Tensor] | None:
+        """``{"text_encoder": (n, d1), "text_encoder_2": (n, d2)}``: input embeddings that
+        replace each mention's ``n`` class-token copies before the text encoders."""
+        return None
+
+    def text_encoder_hooks(self, requests: Sequence[IdentityRequest],
+                           scene: Scene) -> contextlib.AbstractContextManager:
+        """Active while the prompt is encoded."""
+        return contextlib.nullcontext()
+
+    def unet_hooks(self, requests: Sequence[IdentityRequest],
+                   scene: Scene) -> contextlib.AbstractContextManager:
+        """Active while the UNet denoises."""
+        return contextlib.nullcontext()
+
 
 METHODS: dict[str, type[IdentityMethod]] = {}
 # ``--method auto``: PhotoMaker first (its artifact pools every enrolled photo and it
-# needs no slot), StoryMaker for identities PhotoMaker cannot serve.
-DEFAULT_PREFERENCE: tuple[str, ...] = ("photomaker", "storymaker")
+# needs no slot), StoryMaker for identities PhotoMaker cannot serve, then the fitted
+# methods (their artifacts exist only after an ``idvault personalize`` job).
+DEFAULT_PREFERENCE: tuple[str, ...] = ("photomaker", "storymaker", "celeb_basis", "lidb")
 
 
 def register_method(cls: type[IdentityMethod]) -> type[IdentityMethod]:
@@ -186,11 +245,15 @@ def register_method(cls: type[IdentityMethod]) -> type[IdentityMethod]:
 
 
 def _register_builtin() -> None:
+    from generators.methods.celeb_basis import CelebBasisMethod
+    from generators.methods.lidb import LidbMethod
     from generators.methods.photomaker import PhotoMakerMethod
     from generators.methods.storymaker import StoryMakerMethod
 
     register_method(PhotoMakerMethod)
     register_method(StoryMakerMethod)
+    register_method(CelebBasisMethod)
+    register_method(LidbMethod)
 
 
 _register_builtin()

@@ -218,5 +218,5 @@ def _read_lora(path: Path) -> dict[str, torch.Tensor]:
 
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k.removeprefix("lora_weights."): f.get_tensor(k)
-                    for k in f.keys() if k.startswith("lora_weights.")}  # noqa: SIM118
+                    for k in f.keys() if k.startswith("lora_weights.")}
     return dict(read_pickle_checkpoint(path, "PhotoMaker checkpoint")["lora_weights"])

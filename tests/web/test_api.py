@@ -10,7 +10,6 @@ import pytest
 from safetensors.numpy import load
 
 from tests.helpers import consent_doc
-from tests.web.web_fixtures import *
 from tests.web.web_fixtures import TWIN_OF_3, photo_bytes
 from vault import codec
 
@@ -212,7 +211,7 @@ def test_artifacts_download_and_exports(web):
              if e["action"] == "artifact.read"]
     assert reads and reads[0]["details"]["purpose"] == "generate"
     assert reads[0]["actor"].startswith("api:")
-    # Exports: photomaker now (consent must grant 'share'); the others later.
+    # Exports (consent must grant 'share').
     err(web.client.get("/v1/identities/smiths/ana/exports/photomaker", headers=hr), 403)
     ok(web.client.post("/v1/identities", headers=web.headers(),
                        json={"name": "bo", "consent": consent_doc(
@@ -221,10 +220,14 @@ def test_artifacts_download_and_exports(web):
     resp = web.client.get("/v1/identities/smiths/bo/exports/photomaker", headers=hr)
     assert resp.status_code == 200
     assert load(resp.data)["id_embeds"].shape == (3, 1, 2048)
-    e = err(web.client.get("/v1/identities/smiths/bo/exports/diffusers_lora", headers=hr),
-            501, "not_implemented")
-    assert "LiDB" in e["message"]
-    err(web.client.get("/v1/identities/smiths/bo/exports/textual_inversion", headers=hr), 501)
+    e = err(web.client.get("/v1/identities/smiths/bo/exports/textual_inversion", headers=hr),
+            404)
+    assert "has no celeb_basis artifact" in e["message"]
+    e = err(web.client.get("/v1/identities/smiths/bo/exports/diffusers_lora", headers=hr), 400)
+    assert "base model" in e["message"]
+    e = err(web.client.get("/v1/identities/smiths/bo/exports/diffusers_lora?base_model=../x",
+                           headers=hr), 400)
+    assert "inside the server's models folder" in e["message"]
     err(web.client.get("/v1/identities/smiths/bo/exports/dreambooth", headers=hr), 404)
     err(web.client.get("/v1/identities/smiths/ana/exports/photomaker?model_id=x", headers=hr),
         403)

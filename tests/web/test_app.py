@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from tests.web.web_fixtures import *
-from tests.web.web_fixtures import SECRET
+from tests.web.web_fixtures import PASSWORD, SECRET
 from vault.errors import IntegrityError, KeyUnavailable, ModelUnavailable
 from web.app import CSP, SECRET_FILE, WebConfig, create_app
 from web.errors import STATUS, status_for

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.helpers import consent_doc
-from tests.web.web_fixtures import *
 from tests.web.web_fixtures import TWIN_OF_3, photo_bytes
 from vault import accounts, api_keys, codec
 
@@ -68,6 +68,10 @@ ENDPOINTS = [
     Endpoint("POST", "/v1/jobs", "admin", "json:job"),
     Endpoint("GET", "/v1/jobs/{job}", "identities:read", handle_path=True),
     Endpoint("POST", "/v1/jobs/{job}/cancel", "admin", handle_path=True),
+    Endpoint("POST", "/v1/generate", "generate", "json:generate"),
+    Endpoint("GET", "/v1/jobs/{scene}/image", "identities:read", handle_path=True),
+    Endpoint("GET", "/v1/jobs/{scene}/verify", "identities:read", handle_path=True),
+    Endpoint("POST", "/v1/verify", "identities:read", "png"),
     Endpoint("GET", "/v1/audit", "identities:read"),
     Endpoint("GET", "/v1/audit/verify", "admin"),
     Endpoint("GET", "/v1/api-keys", "admin"),
@@ -105,12 +109,32 @@ def seeded(web):
     held = web.enroll("smiths/dan", 4, (0, 1), kin=TWIN_OF_3).get_json()
     assert held["status"] == "held"
     job = web.client.post("/v1/jobs", headers=h, json={"kind": "rebuild_index"}).get_json()
+    scene = finished_scene(web, h)
     web.user("maria", "smiths", "viewer")
     with web.vault.session() as s:
         key, _ = api_keys.create_key(s, "smiths", "victim", ["identities:read"], actor="t")
         key_id = key.id
     face = web.client.get("/v1/identities/smiths/ana", headers=h).get_json()["artifacts"][0]
-    return {"face": face["id"], "review": held["review_id"], "job": job["id"], "key": key_id}
+    return {"face": face["id"], "review": held["review_id"], "job": job["id"], "key": key_id,
+            "scene": scene}
+
+
+def finished_scene(web, h) -> str:
+    """A generate job of smiths, finished with a stored PNG (as the worker leaves it; the
+    generation itself is tested in test_generation.py with the tiny SDXL models)."""
+    from vault.models import Job
+    from web import generation
+
+    scene = web.client.post("/v1/generate", headers=h, json={"prompt": "@smiths/ana"}
+                            ).get_json()["id"]
+    path = generation.output_path(web.vault.settings.data_dir, scene)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), "gray").save(path)
+    with web.vault.session() as s:
+        row = s.get(Job, scene)
+        row.status, row.progress = "done", 1.0
+        row.result = {"image": f"outputs/{scene}.png", "width": 8, "height": 8}
+    return scene
 
 
 def call(web, client, e: Endpoint, ids: dict, headers: dict | None = None):
@@ -126,6 +150,13 @@ def call(web, client, e: Endpoint, ids: dict, headers: dict | None = None):
         kwargs["json"] = {"a": "smiths/ana", "b": "smiths/ben"}
     elif e.body == "json:job":
         kwargs["json"] = {"kind": "rebuild_index"}
+    elif e.body == "json:generate":
+        kwargs["json"] = {"prompt": "@smiths/ana by a lake", "steps": 1}
+    elif e.body == "png":
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, "PNG")
+        kwargs["data"] = {"image": (io.BytesIO(buf.getvalue()), "x.png")}
+        kwargs["content_type"] = "multipart/form-data"
     elif e.body == "json:key":
         kwargs["json"] = {"name": "k", "scopes": ["admin"]}  # no key grants more than it holds
     elif e.body == "photos":
@@ -230,7 +261,8 @@ def test_another_owners_key_sees_nothing(web, seeded):
     before = snapshot(web)
     theirs = web.headers("northlight")
     missing = {"face": "00000000-0000-0000-0000-000000000000", "review": 99999,
-               "job": "00000000-0000-0000-0000-000000000000", "key": 99999}
+               "job": "00000000-0000-0000-0000-000000000000", "key": 99999,
+               "scene": "00000000-0000-0000-0000-000000000000"}
     for e in ENDPOINTS:
         resp = call(web, web.client, e, seeded, theirs)
         text = resp.get_data(as_text=True)
@@ -244,6 +276,7 @@ def test_another_owners_key_sees_nothing(web, seeded):
                 missing, theirs)
             expected = ghost.get_data(as_text=True).replace("zzz", "NAME")
             for real, fake in ((seeded["job"], missing["job"]), (seeded["face"], missing["face"]),
+                               (seeded["scene"], missing["scene"]),
                                ("ana", "NAME"), ("ben", "NAME"), ("cara", "NAME"),
                                ("eve", "NAME"), (str(seeded["review"]), "99999"),
                                (str(seeded["key"]), "99999")):
@@ -252,8 +285,9 @@ def test_another_owners_key_sees_nothing(web, seeded):
         else:
             assert resp.status_code < 500, (str(e), text)
             for secret in ("smiths/", "ana", "cleo", "maria", "victim", seeded["face"],
-                           seeded["job"]):
-                if secret in e.path or (e.body == "json:pair" and secret in "smiths/ana"):
+                           seeded["job"], seeded["scene"]):
+                if secret in e.path or (e.body == "json:pair" and secret in "smiths/ana") or (
+                        e.body == "json:generate" and secret in "@smiths/ana by a lake"):
                     continue  # the caller's own words echoed back
                 assert secret not in text, (str(e), secret, text[:500])
     assert snapshot(web) == before, "another owner's key changed something of smiths"

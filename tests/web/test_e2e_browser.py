@@ -1,12 +1,11 @@
 """End to end in headless Chromium (Debian's package, driven by Playwright), against the
 app on the production WSGI server (waitress) on loopback, with the tiny face models.
 
-Sign in, enroll a person from photos through the wizard (per-photo feedback), see the
-duplicate warning when the same face is enrolled again under another name, open the
-identity page.
-
-TODO(generator): when the scene generator lands, continue the journey: generate a
-scene with @smiths/ana using the tiny models and open the result with its provenance.
+Sign in, enroll a person from photos through the wizard (per-photo feedback, with the
+PhotoMaker artifact for generation), see the duplicate warning when the same face is
+enrolled again under another name, open the identity page, then generate a scene with
+@smiths/ana on the tiny SDXL models (handle autocomplete, progress, gallery) and open the
+result with its provenance.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.web.web_fixtures import *
 from tests.web.web_fixtures import PASSWORD, photo_bytes
 from web.serve import make_server, server_url
 
@@ -39,8 +37,9 @@ def backend() -> str:
 
 
 @pytest.fixture
-def live(web):
-    server = make_server(web.app, "127.0.0.1", 0, threads=4)
+def live(gen_web):
+    gen_web.state.jobs.start()  # the embedded worker, as `idvault serve` runs it
+    server = make_server(gen_web.app, "127.0.0.1", 0, threads=4)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     yield server_url(server).rstrip("/")
@@ -56,7 +55,8 @@ def browser():
         b.close()
 
 
-def test_sign_in_enroll_duplicate_and_identity_page(web, live, browser, tmp_path):
+def test_sign_in_enroll_duplicate_identity_page_and_generate(gen_web, live, browser, tmp_path):
+    web = gen_web
     web.user("maria", "smiths", "admin")
     photos = []
     for i in range(3):
@@ -95,6 +95,7 @@ def test_sign_in_enroll_duplicate_and_identity_page(web, live, browser, tmp_path
     feedback = page.locator("[data-photo-list] li.ok")
     feedback.nth(2).wait_for()
     assert feedback.count() == 3 and "usable face" in feedback.first.inner_text()
+    page.get_by_label("PhotoMaker ID embeddings").check()
     page.get_by_role("button", name="Enroll", exact=True).click()
     page.get_by_role("heading", name="@smiths/ana").wait_for()
     assert "Enrolled smiths/ana from 3 photo(s)." in page.content()
@@ -121,6 +122,34 @@ def test_sign_in_enroll_duplicate_and_identity_page(web, live, browser, tmp_path
     for text in ("Consent", "guardian: Maria Smith", "Artifacts", "face", "Audit trail",
                  "identity.create", "enroll", "Erase this identity"):
         assert text in body, text
+    assert "photomaker" in body
     assert page.get_by_role("link", name="Roster").is_visible()
+
+    # Generate a scene with Ana on the tiny models: autocomplete, progress, gallery.
+    page.get_by_role("link", name="Generate").click()
+    page.get_by_role("heading", name="Generate a scene").wait_for()
+    prompt = page.get_by_label("Prompt")
+    prompt.click()
+    prompt.press_sequentially("@an")
+    option = page.get_by_role("option", name="@smiths/ana")
+    option.wait_for()
+    prompt.press("Enter")
+    prompt.press_sequentially("hiking in the alps, watercolor")
+    assert prompt.input_value() == "@smiths/ana hiking in the alps, watercolor"
+    page.get_by_label("Steps").fill("2")
+    page.get_by_label("Seed").fill("7")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    shot = page.locator("[data-gallery] figure").first
+    shot.wait_for(timeout=60_000)
+    assert "provenance valid" in shot.inner_text() and "@smiths/ana" in shot.inner_text()
+    assert page.locator("[data-progress] progress").get_attribute("value") == "1"
+    assert shot.locator("img").evaluate("img => img.complete && img.naturalWidth") > 0
+
+    # Open the result: the image and its provenance.
+    shot.get_by_role("link", name="Open").click()
+    page.get_by_role("heading", name="Provenance").wait_for()
+    body = page.inner_text("main")
+    assert "valid, signed by this vault" in body and "smiths/ana via photomaker" in body
+    assert page.locator("img.scene").evaluate("img => img.naturalWidth") > 0
     assert not errors, errors  # no CSP violations or script errors
     assert [i["handle"] for i in web.vault.list_identities("smiths")] == ["smiths/ana"]

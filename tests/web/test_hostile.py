@@ -10,7 +10,6 @@ import json
 import pytest
 
 from tests.helpers import consent_doc
-from tests.web.web_fixtures import *
 from tests.web.web_fixtures import SECRET, photo_bytes
 from vault.models import AuditEvent
 from web.app import WebConfig, create_app

@@ -10,7 +10,6 @@ import re
 import pytest
 
 from tests.helpers import consent_doc
-from tests.web.web_fixtures import *
 from tests.web.web_fixtures import PASSWORD, TWIN_OF_3, photo_bytes
 from vault import accounts
 
@@ -231,13 +230,14 @@ def test_superuser_creates_an_owner_and_switches(web):
     assert lonely.get("/owners/new", headers={"Accept": "text/html"}).status_code == 403
 
 
-def test_public_and_placeholder_pages(web, maria):
+def test_public_generate_and_jobs_pages(web, maria):
     policy = web.app.test_client().get("/retention-policy")
     html = policy.get_data(as_text=True)
     assert policy.status_code == 200 and "Not the photos" in html and "0.70" in html
     for purpose in ("enroll", "generate", "share"):
         assert purpose in html
     gen = maria.get("/generate").get_data(as_text=True)
-    assert "not wired into this server yet" in gen and "disabled" in gen
+    assert 'name="prompt"' in gen and "generate.js" in gen and "No scenes yet." in gen
+    assert "Generated images may show a person" in gen
     jobs = maria.get("/jobs").get_data(as_text=True)
     assert "No jobs yet" in jobs

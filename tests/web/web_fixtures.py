@@ -25,7 +25,7 @@ __all__ = [
     "TWIN_OF_3",
     "Web",
     "cheap_passwords",
-    "consent_doc",
+    "gen_web",
     "photo_bytes",
     "web",
 ]
@@ -88,7 +88,7 @@ class Web:
         with self.vault.session() as s:
             try:
                 accounts.get_user(s, username)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 accounts.create_user(s, username, PASSWORD, superuser=superuser)
             if owner:
                 accounts.grant(s, username, owner, role)
@@ -125,6 +125,16 @@ class Web:
 def web(family: Vault, tiny_models) -> Web:
     """An app over a vault with owners smiths (family) and northlight (studio)."""
     app = create_app(WebConfig(vault=family, models_dir=tiny_models, run_jobs=False,
+                               secret_key=SECRET))
+    yield Web(app, family)
+    app.extensions["idvault"].close()
+
+
+@pytest.fixture
+def gen_web(family: Vault, gen_models) -> Web:
+    """Like ``web``, with the models of `idvault models tiny` (sdxl-tiny and the identity
+    checkpoints), so generate jobs run; the worker thread is off (``run_pending``)."""
+    app = create_app(WebConfig(vault=family, models_dir=gen_models, run_jobs=False,
                                secret_key=SECRET))
     yield Web(app, family)
     app.extensions["idvault"].close()

@@ -150,9 +150,21 @@ HANDLE_PARAMS = {"owner": {"type": "string", "pattern": NAME_PATTERN, "example":
 
 
 def _areas() -> list:
-    from web.api import artifacts, audit, enrollment, identities, jobs, keys, meta, owner, reviews
+    from web.api import (
+        artifacts,
+        audit,
+        enrollment,
+        generation,
+        identities,
+        jobs,
+        keys,
+        meta,
+        owner,
+        reviews,
+    )
 
-    return [meta, owner, identities, enrollment, artifacts, reviews, jobs, audit, keys]
+    return [meta, owner, identities, enrollment, artifacts, reviews, jobs, generation, audit,
+            keys]
 
 
 def area_blueprints() -> list[ApiBlueprint]:

@@ -3,6 +3,9 @@ audited) and exports in the formats other tools load."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from flask import Response, jsonify, request
 
 from vault.errors import InvalidInput, NotFound
@@ -17,24 +20,18 @@ from web.api import (
     state,
 )
 from web.auth import handle_in_owner, require
-from web.errors import NotImplementedYet
 
 bp = ApiBlueprint("artifacts", __name__, tag="artifacts")
 
 READ_PURPOSES = ("share", "generate", "personalize")
 ARTIFACT_PARAMS = {**HANDLE_PARAMS, "artifact_id": {"type": "string", "maxLength": 64}}
 BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
-# Export formats: implemented ones map to a function, the others say when they come.
-EXPORTS_LATER = {
-    "textual_inversion": "textual inversion embeddings are exported from Celeb Basis "
-                         "artifacts, which the Celeb Basis encoder will produce; this version "
-                         "cannot export them yet",
-    "diffusers_lora": "diffusers LoRA files are exported from LiDB artifacts, which the "
-                      "HyperDreamBooth encoder will produce; this version cannot export them yet",
-}
-EXPORT_FORMATS = ("photomaker", *EXPORTS_LATER)
+EXPORT_FORMATS = ("photomaker", "textual_inversion", "diffusers_lora")
 MODEL_ID = query_param("model_id", {"type": "string", "maxLength": 128},
                        "which one, when the identity has several of that kind")
+BASE_MODEL = query_param("base_model", {"type": "string", "maxLength": 128},
+                         "diffusers_lora only: the base model's folder name inside the "
+                         "server's models folder")
 
 
 def _artifact(handle: str, artifact_id: str) -> dict:
@@ -91,34 +88,38 @@ def download_artifact(owner: str, name: str, artifact_id: str):
 
 
 @bp.op("/identities/<owner>/<name>/exports/<export_format>", "GET",
-       summary="Export for other tools: photomaker (ID embeddings); textual_inversion and "
-               "diffusers_lora answer 501 until their encoders land",
+       summary="Export for other tools: photomaker (ID embeddings), textual_inversion "
+               "(Celeb Basis), diffusers_lora (LiDB; needs base_model)",
        scope="artifacts:read",
        path_params={**HANDLE_PARAMS, "export_format": {"type": "string", "maxLength": 32}},
-       query=[MODEL_ID],
-       responses={"200": {"description": "a safetensors file", "content": BINARY},
-                  "501": json_response("a known format this version cannot export yet",
-                                       ref("Error"))})
+       query=[MODEL_ID, BASE_MODEL],
+       responses={"200": {"description": "a safetensors file", "content": BINARY}})
 def export(owner: str, name: str, export_format: str):
+    from encoders import exports
+
     p = require("artifacts:read")
     handle = handle_in_owner(p, owner, name)
-    if export_format in EXPORTS_LATER:
-        raise NotImplementedYet(EXPORTS_LATER[export_format], format=export_format)
-    if export_format != "photomaker":
+    if export_format not in EXPORT_FORMATS:
         raise NotFound(f"no export format {export_format!r} (formats: "
                        f"{', '.join(EXPORT_FORMATS)})")
     model_id = request.args.get("model_id")
     if model_id is not None and len(model_id) > 128:
         raise InvalidInput("'model_id' is at most 128 characters")
-    import numpy as np
-    from safetensors.numpy import save
+    result = exports.export(state().vault, handle, export_format, model_id=model_id,
+                            base_model=_base_model_folder(request.args.get("base_model")),
+                            actor=p.actor)
+    return _binary(result.data, _filename(handle, result.filename_suffix))
 
-    opened = state().vault.get_artifact(handle, "photomaker", model_id=model_id,
-                                        purpose="share", actor=p.actor)
-    art = opened.artifact
-    embeds = np.ascontiguousarray(art.tensors["id_embeds"])
-    payload = save({"id_embeds": embeds}, metadata={
-        "format": "idvault.photomaker-id-embeds/1", "model_id": art.model_id,
-        "version": art.metadata.get("version", ""), "photos": str(embeds.shape[0]),
-        "tokens_per_photo": str(embeds.shape[1])})
-    return _binary(payload, _filename(handle, "photomaker-id-embeds"))
+
+def _base_model_folder(name: str | None) -> Path | None:
+    """A base model named by its folder directly inside the models folder."""
+    if name is None:
+        return None
+    models = state().config.models_dir
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name) or models is None:
+        raise InvalidInput("'base_model' names a folder inside the server's models folder "
+                           "(letters, digits, '.', '_', '-')")
+    folder = Path(models) / name
+    if not (folder / "model_index.json").is_file():
+        raise NotFound(f"no diffusers pipeline {name!r} in the server's models folder")
+    return folder

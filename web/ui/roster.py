@@ -15,6 +15,7 @@ from vault.errors import (
     ConsentError,
     DuplicateIdentity,
     InvalidInput,
+    ModelUnavailable,
     NotFound,
     PhotoRejected,
     VaultError,
@@ -25,6 +26,7 @@ from web.api.enrollment import (
     MAX_EVIDENCE_BYTES,
     enroll_photos,
     identity_exists,
+    parse_kinds,
     parse_pick,
     safe_names,
 )
@@ -90,6 +92,7 @@ def enroll():
     kept = {k: form.get(k, "") for k in ("name", "subject", "given_by", "guardian_name",
                                          "retain_until", "evidence_sha256", "pick")}
     kept["purposes"] = form.getlist("purposes")
+    kept["kinds"] = form.getlist("kinds")
     name = form.get("name", "").strip()
     try:
         handle = handle_in_owner(p, p.owner, name)
@@ -109,7 +112,8 @@ def enroll():
         consent = parse_consent(_consent_doc(form), evidence_bytes)
         names = safe_names([f.filename for f in files])
         report = enroll_photos(p, handle, [f.read() for f in files], names, consent=consent,
-                               pick=parse_pick(form.get("pick")))
+                               pick=parse_pick(form.get("pick")),
+                               kinds=parse_kinds(",".join(form.getlist("kinds"))))
     except DuplicateIdentity as exc:
         return _wizard(409, form=kept, duplicate={"handle": exc.handle, "score": exc.score,
                                                   "decision": exc.decision,
@@ -118,6 +122,9 @@ def enroll():
         return _wizard(422, form=kept, error="Some photos cannot be used; nothing was "
                                              "stored.",
                        photos=exc.details.get("photos") or [])
+    except ModelUnavailable as exc:
+        return _wizard(503, form=kept, error=f"Cannot compute the generator artifacts here: "
+                                             f"{exc}. Nothing was stored.")
     except (InvalidInput, ConsentError, NotFound) as exc:
         problems = exc.details.get("problems") or []
         return _wizard(400, form=kept, error=str(exc) if not problems else

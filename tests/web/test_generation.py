@@ -1,0 +1,221 @@
+"""Generation over the API and the UI with the tiny models (`idvault models tiny`): submit a
+scene, run the `generate` job, fetch the signed PNG, verify stored and uploaded images,
+refusals (consent, other owners, bad params), and the generation page."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+from tests.helpers import consent_doc
+from tests.web.web_fixtures import photo_bytes
+from web import generation
+
+
+@pytest.fixture
+def backend() -> str:
+    return "sqlite"
+
+
+def enroll_for_generation(web, handle: str, person: int):
+    owner, name = handle.split("/")
+    resp = web.client.post(
+        f"/v1/identities/{owner}/{name}/enroll", headers=web.headers(owner),
+        data={"photos": [(io.BytesIO(photo_bytes(person, i)), f"{name}-{i}.jpg")
+                         for i in (0, 1)],
+              "consent": json.dumps(consent_doc()), "kinds": "photomaker,storymaker"},
+        content_type="multipart/form-data")
+    assert resp.status_code == 201, resp.get_data(as_text=True)
+
+
+def generate(web, owner: str = "smiths", **body):
+    resp = web.client.post("/v1/generate", headers=web.headers(owner, "generate"),
+                           json={"steps": 2, "seed": 7, **body})
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    return resp.get_json()
+
+
+def run(web, job_id: str, owner: str = "smiths") -> dict:
+    web.state.jobs.run_pending()
+    return web.client.get(f"/v1/jobs/{job_id}", headers=web.headers(owner)).get_json()
+
+
+def test_generate_fetch_and_verify(gen_web, tmp_path):
+    web = gen_web
+    enroll_for_generation(web, "smiths/ana", 1)
+    enroll_for_generation(web, "smiths/ben", 2)
+    job = generate(web, prompt="@smiths/ana:girl and @smiths/ben on a beach", size=[128, 64],
+                   layout="ana=0,0,0.5,1;ben=0.5,0,1,1")
+    assert job["kind"] == "generate" and job["status"] == "queued"
+    assert job["params"] == {"prompt": "@smiths/ana:girl and @smiths/ben on a beach",
+                             "seed": 7, "steps": 2, "size": [128, 64], "method": "auto",
+                             "commercial": False, "layout": "ana=0,0,0.5,1;ben=0.5,0,1,1"}
+    done = run(web, job["id"])
+    assert done["status"] == "done", done
+    assert done["progress"] == 1.0 and "step 2 of 2" in done["message"]
+    result = done["result"]
+    assert result["image"] == f"outputs/{job['id']}.png"
+    assert result["identities"] == ["smiths/ana", "smiths/ben"]
+    assert set(result["methods"]) == {"smiths/ana", "smiths/ben"}
+    assert (result["width"], result["height"], result["seed"]) == (128, 64, 7)
+    stored = web.vault.settings.data_dir / result["image"]
+    assert stored.is_file()
+    # Only the PNG is written there: no decrypted identity data on disk.
+    assert [p.name for p in stored.parent.iterdir()] == [stored.name]
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == result["sha256"]
+
+    img = web.client.get(f"/v1/jobs/{job['id']}/image", headers=web.headers("smiths",
+                                                                             "identities:read"))
+    assert img.status_code == 200 and img.mimetype == "image/png"
+    assert img.headers["Cache-Control"] == "private, no-store"
+    assert hashlib.sha256(img.data).hexdigest() == result["sha256"]
+    with Image.open(io.BytesIO(img.data)) as png:
+        assert png.size == (128, 64)
+
+    v = web.client.get(f"/v1/jobs/{job['id']}/verify", headers=web.headers()).get_json()
+    assert v["status"] == "valid" and v["ok"] is True
+    assert [i["handle"] for i in v["manifest"]["identities"]] == ["smiths/ana", "smiths/ben"]
+    assert v["summary"][0].endswith("smiths/ana, smiths/ben")
+
+    def verify(data: bytes, name: str = "x.png"):
+        return web.client.post("/v1/verify", headers=web.headers(),
+                               data={"image": (io.BytesIO(data), name)},
+                               content_type="multipart/form-data")
+
+    assert verify(img.data).get_json()["status"] == "valid"
+    # One changed pixel: altered, the claim still shown.
+    with Image.open(io.BytesIO(img.data)) as png:
+        edited, text = png.copy(), dict(png.text)
+    info = PngImagePlugin.PngInfo()
+    for k, val in text.items():
+        info.add_text(k, val)
+    edited.putpixel((0, 0), tuple((c + 9) % 256 for c in edited.getpixel((0, 0))))
+    buf = io.BytesIO()
+    edited.save(buf, "PNG", pnginfo=info)
+    doc = verify(buf.getvalue()).get_json()
+    assert (doc["status"], doc["reason"], doc["ok"]) == ("altered", "pixels_changed", False)
+    assert doc["manifest"]["identities"][0]["handle"] == "smiths/ana"
+    plain = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(plain, "PNG")
+    assert verify(plain.getvalue()).get_json()["status"] == "no_manifest"
+    assert verify(photo_bytes(1, 0), "a.jpg").get_json()["status"] == "no_manifest"
+    bad = verify(b"not an image")
+    assert bad.status_code == 400 and "cannot read" in bad.get_json()["error"]["message"]
+    bomb = io.BytesIO()
+    Image.new("L", (10_000, 10_000)).save(bomb, "PNG")  # 100 MP of zeros: a tiny file
+    bad = verify(bomb.getvalue())
+    assert bad.status_code == 400 and "too large" in bad.get_json()["error"]["message"]
+    huge = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dIHDR" + (10**5).to_bytes(4, "big") * 2 \
+        + b"\x08\x00\x00\x00\x00" + b"\x00" * 4  # 10 gigapixels claimed, bad CRC
+    assert verify(huge).status_code == 400
+
+    # The job list and the audit trail name the generation.
+    events = web.client.get("/v1/audit?subject=smiths/ana", headers=web.headers()).get_json()
+    assert any(e["action"] == "generate" and e["actor"] == f"job:{job['id']}"
+               for e in events["items"])
+
+    # Erasing an identity leaves the outputs alone (they are images, not identity data).
+    assert web.client.delete("/v1/identities/smiths/ben", headers=web.headers()
+                             ).status_code == 200
+    assert stored.is_file()
+    assert web.client.get(f"/v1/jobs/{job['id']}/image", headers=web.headers()
+                          ).status_code == 200
+
+
+def test_refusals_fail_the_job_or_the_request(gen_web):
+    web = gen_web
+    enroll_for_generation(web, "smiths/ana", 1)
+    # Consent without 'commercial': the job fails with the reason, nothing is written.
+    job = generate(web, prompt="@smiths/ana at a launch party", commercial=True)
+    failed = run(web, job["id"])
+    assert failed["status"] == "failed" and "commercial" in failed["error"], failed
+    assert failed["result"] is None
+    assert not generation.output_path(web.vault.settings.data_dir, job["id"]).exists()
+    resp = web.client.get(f"/v1/jobs/{job['id']}/image", headers=web.headers())
+    assert resp.status_code == 404 and "no generated image" in resp.get_json()["error"]["message"]
+    assert web.client.get(f"/v1/jobs/{job['id']}/verify", headers=web.headers()
+                          ).status_code == 404
+    # Another owner's handle: the job fails as for a handle that does not exist.
+    job = generate(web, "northlight", prompt="@smiths/ana in a studio")
+    failed = run(web, job["id"], "northlight")
+    assert failed["status"] == "failed" and "no identity smiths/ana" in failed["error"]
+    # Bad params: 400 at submission, nothing queued.
+    before = web.client.get("/v1/jobs", headers=web.headers()).get_json()["items"]
+    for body in ({"prompt": ""}, {"prompt": "x", "steps": 0}, {"prompt": "x", "steps": "2"},
+                 {"prompt": "x", "size": [100, 64]}, {"prompt": "x", "size": "64x64"},
+                 {"prompt": "x", "seed": -1}, {"prompt": "x", "commercial": "yes"},
+                 {"prompt": "x", "evil": 1}, {"prompt": "x" * 2001}, {"steps": 2},
+                 {"prompt": "x", "layout": 5}):
+        resp = web.client.post("/v1/generate", headers=web.headers(), json=body)
+        assert resp.status_code == 400, (body, resp.get_data(as_text=True))
+        assert resp.get_json()["error"]["code"] == "invalid_input"
+    resp = web.client.post("/v1/jobs", headers=web.headers(),
+                           json={"kind": "generate", "params": {"prompt": "x", "steps": 999}})
+    assert resp.status_code == 400
+    assert web.client.get("/v1/jobs", headers=web.headers()).get_json()["items"] == before
+    # The generic jobs endpoint takes the same kind.
+    resp = web.client.post("/v1/jobs", headers=web.headers(),
+                           json={"kind": "generate", "params": {"prompt": "a quiet lake",
+                                                                "steps": 1}})
+    assert resp.status_code == 202
+    assert run(web, resp.get_json()["id"])["status"] == "done"
+    kinds = web.client.get("/v1/job-kinds", headers=web.headers()).get_json()["items"]
+    assert {"kind": "generate", "scope": "generate"}.items() <= next(
+        k for k in kinds if k["kind"] == "generate").items()
+
+
+def test_cancel_a_running_generation(gen_web):
+    web = gen_web
+    job = generate(web, prompt="a quiet lake", steps=3)
+    real = generation.pipeline
+
+    def cancelling(vault, models_dir):
+        web.state.jobs.cancel(job["id"], owner="smiths")  # asked while it runs
+        return real(vault, models_dir)
+
+    generation.pipeline = cancelling
+    try:
+        done = run(web, job["id"])
+    finally:
+        generation.pipeline = real
+    assert done["status"] == "cancelled", done
+    assert not generation.output_path(web.vault.settings.data_dir, job["id"]).exists()
+
+
+def test_the_generation_page(gen_web):
+    web = gen_web
+    enroll_for_generation(web, "smiths/ana", 1)
+    web.user("maria", "smiths", "editor")
+    web.user("vic", "smiths", "viewer")
+    c = web.login("maria")
+    page = c.get("/generate").get_data(as_text=True)
+    assert 'data-insert-handle="@smiths/ana"' in page and "generate.js" in page
+    assert "No scenes yet." in page and 'name="layout"' in page
+    # Without JavaScript: the form posts, the job is queued, the page shows it.
+    resp = c.post("/generate", data={"csrf_token": c.csrf, "prompt": "@smiths/ana reading",
+                                     "steps": "2", "seed": "3", "size": "64x64",
+                                     "method": "auto", "layout": ""})
+    assert resp.status_code == 302, resp.get_data(as_text=True)[:500]
+    assert "queued" in c.get(resp.headers["Location"]).get_data(as_text=True)
+    bad = c.post("/generate", data={"csrf_token": c.csrf, "prompt": "x", "size": "big"})
+    assert bad.status_code == 400 and "WIDTHxHEIGHT" in bad.get_data(as_text=True)
+    assert c.post("/generate", data={"prompt": "x"}).status_code == 403  # no CSRF token
+    web.state.jobs.run_pending()
+    page = c.get("/generate").get_data(as_text=True)
+    job_id = web.state.jobs.list("smiths")[0]["id"]
+    assert f'src="/v1/jobs/{job_id}/image"' in page and "provenance valid" in page
+    result = c.get(f"/generate/{job_id}").get_data(as_text=True)
+    assert "Provenance" in result and "valid, signed by this vault" in result
+    assert "smiths/ana via photomaker" in result
+    assert c.get(f"/v1/jobs/{job_id}/image").status_code == 200  # the session sees it
+    assert c.get("/generate/00000000-0000-0000-0000-000000000000").status_code == 404
+    # A viewer sees the gallery, not the form, and cannot submit.
+    v = web.login("vic")
+    page = v.get("/generate").get_data(as_text=True)
+    assert "cannot" not in page and "can see the gallery but not generate" in page
+    assert f'src="/v1/jobs/{job_id}/image"' in page
+    assert v.post("/generate", data={"csrf_token": v.csrf, "prompt": "x"}).status_code == 403

@@ -1,0 +1,144 @@
+"""Generation over HTTP: submit a scene (a ``generate`` job), fetch its signed PNG, verify
+provenance of a stored or uploaded image (``web.generation``)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import tempfile
+import warnings
+from pathlib import Path
+
+from flask import jsonify, request, send_file
+from PIL import Image
+
+from generators.provenance import verify_image
+from vault.errors import InvalidInput
+from web import generation
+from web.api import ApiBlueprint, json_body, json_request, json_response, ref, state
+from web.auth import require
+from web.errors import UnsupportedMediaType
+
+bp = ApiBlueprint("generation", __name__, tag="generation")
+
+JOB_ID = {"job_id": {"type": "string", "maxLength": 64}}
+PNG = {"image/png": {"schema": {"type": "string", "format": "binary"}}}
+MAX_VERIFY_BYTES = 32 * 1024 * 1024
+MAX_VERIFY_PIXELS = 4096 * 4096  # generated images are at most 2048x2048
+
+GENERATE_BODY = {
+    "type": "object", "required": ["prompt"], "additionalProperties": False,
+    "properties": {
+        "prompt": {"type": "string", "minLength": 1, "maxLength": generation.MAX_PROMPT,
+                   "description": "the scene, with identities as @owner/name (optionally "
+                                  "@owner/name:classword)"},
+        "layout": {"type": "string", "maxLength": 2000, "description":
+                   "boxes per identity, fractions x0,y0,x1,y1: 'ana=0,0,0.5,1;ben=0.5,0,1,1' "
+                   "(default: strips in order of mention)"},
+        "seed": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
+        "steps": {"type": "integer", "minimum": 1, "maximum": generation.MAX_STEPS},
+        "size": {"type": "array", "minItems": 2, "maxItems": 2, "description":
+                 "[width, height] (default: the base model's)",
+                 "items": {"type": "integer", "minimum": 8, "maximum": generation.MAX_SIDE,
+                           "multipleOf": 8}},
+        "method": {"type": "string", "maxLength": 32,
+                   "description": "auto (default) or a method name"},
+        "commercial": {"type": "boolean", "description": "needs the 'commercial' consent "
+                       "purpose of every identity"}}}
+
+
+def _check_pixels(data: bytes) -> None:
+    """Refuse images too large to be ours before decoding them (decompression bombs)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+    except Image.DecompressionBombError as exc:
+        raise InvalidInput(f"the image is too large to be a generated image: {exc}") from None
+    except Exception:
+        return
+    if width * height > MAX_VERIFY_PIXELS:
+        raise InvalidInput(f"the image is {width}x{height}: too large to be a generated "
+                           f"image (at most {MAX_VERIFY_PIXELS // 1_000_000} megapixels)")
+
+
+def _verification(v) -> dict:
+    return {"status": v.status, "ok": v.ok, "message": v.message, "reason": v.reason,
+            "key_id": v.key_id, "manifest": v.manifest, "summary": v.summary()}
+
+
+@bp.op("/generate", "POST", summary="Compose a scene of the owner's identities (a 'generate' "
+       "job)", scope="generate",
+       description="Queues a job; poll `GET /jobs/{job_id}`, then fetch "
+                   "`GET /jobs/{job_id}/image`. Consent (`generate`, and `commercial` when "
+                   "asked) is checked when the job runs; a refusal fails the job with the "
+                   "reason.",
+       body=json_request(GENERATE_BODY),
+       responses={"202": json_response("queued", ref("Job"))})
+def submit_generation():
+    p = require("generate")
+    doc = json_body(required=("prompt",), optional=generation.PARAMS[1:])
+    params = generation.validate(doc)
+    return jsonify(state().jobs.submit(p.owner, generation.KIND, params, actor=p.actor)), 202
+
+
+@bp.op("/jobs/<job_id>/image", "GET", summary="The signed PNG a generate job made",
+       scope="identities:read", path_params=JOB_ID,
+       responses={"200": {"description": "the PNG with its provenance manifest",
+                          "content": PNG}})
+def job_image(job_id: str):
+    p = require("identities:read")
+    st = state()
+    path = generation.stored_image(st.vault, st.jobs.get(job_id, owner=p.owner))
+    resp = send_file(path, mimetype="image/png", download_name=f"{job_id}.png",
+                     max_age=0, conditional=False)
+    resp.headers["Cache-Control"] = "private, no-store"
+    return resp
+
+
+@bp.op("/jobs/<job_id>/verify", "GET", summary="Verify the provenance of a generate job's "
+       "stored image", scope="identities:read", path_params=JOB_ID,
+       responses={"200": json_response("the verdict", ref("Verification"))})
+def verify_job_image(job_id: str):
+    p = require("identities:read")
+    st = state()
+    path = generation.stored_image(st.vault, st.jobs.get(job_id, owner=p.owner))
+    return jsonify(_verification(verify_image(st.vault, path)))
+
+
+@bp.op("/verify", "POST", summary="Verify an uploaded image's provenance against this vault's "
+       "signing key", scope="identities:read",
+       description="The verdict is one of valid, altered, unknown_signature, no_manifest; "
+                   "an image that is not ours or was changed is a 200 with that verdict.",
+       body={"required": True, "content": {"multipart/form-data": {"schema": {
+           "type": "object", "required": ["image"],
+           "properties": {"image": {"type": "string", "format": "binary",
+                                    "description": "a PNG (other formats carry no "
+                                                   "manifest)"}}}}}},
+       responses={"200": json_response("the verdict", ref("Verification"))})
+def verify_upload():
+    require("identities:read")
+    if request.mimetype != "multipart/form-data":
+        raise UnsupportedMediaType("send the image as multipart/form-data in the field 'image'")
+    unknown = sorted(str(k) for k in (set(request.form) | set(request.files)) - {"image"})
+    if unknown:
+        raise InvalidInput(f"unknown field(s): {', '.join(unknown)} (fields: image)")
+    files = request.files.getlist("image")
+    if len(files) != 1:
+        raise InvalidInput("send exactly one file in the multipart field 'image'")
+    data = files[0].read(MAX_VERIFY_BYTES + 1)
+    if not data:
+        raise InvalidInput("the image is empty")
+    if len(data) > MAX_VERIFY_BYTES:
+        raise InvalidInput(f"the image is larger than {MAX_VERIFY_BYTES} bytes")
+    _check_pixels(data)
+    with tempfile.TemporaryDirectory(prefix="idvault-verify-") as tmp:
+        path = Path(tmp) / "uploaded.png"
+        path.write_bytes(data)
+        try:
+            v = verify_image(state().vault, path)
+        except (ValueError, EOFError, struct.error, MemoryError,
+                Image.DecompressionBombError) as exc:  # e.g. a decompression bomb
+            raise InvalidInput(f"cannot read the upload as an image: {exc}") from None
+    return jsonify(_verification(v))

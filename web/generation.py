@@ -1,0 +1,145 @@
+"""The ``generate`` job kind: a scene from identity handles, run by the job worker.
+
+Importing this module registers the kind with :mod:`vault.jobs` (the web API
+imports it, so ``idvault serve`` runs generations on its embedded worker).
+The worker loads one :class:`generators.compose.ComposePipeline` per vault
+and models folder on first use (the base model is the first SDXL folder in
+the models folder, e.g. ``sdxl-tiny`` of ``idvault models tiny``) and keeps
+it for the next jobs.
+
+The signed PNG is written to ``DATA_DIR/outputs/<job id>.png``; the job's
+result holds that path (relative to the data dir), its SHA-256, the size,
+seed, handles and methods -- never decrypted identity data, which stays in
+memory for the length of the call. Outputs are images that may show a
+person: erasing an identity does not touch them (they are not identity
+data the vault holds), so an operator who must remove them deletes the
+files (``DELETE`` is not offered by the API).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+from vault.errors import InvalidInput, NotFound
+from vault.jobs import JobContext, JobKind, register_kind
+
+KIND = "generate"
+MAX_PROMPT = 2000
+MAX_STEPS = 100
+MAX_SIDE = 2048
+OUTPUTS = "outputs"
+MAX_PIPELINES = 2
+PARAMS = ("prompt", "layout", "seed", "steps", "size", "method", "commercial")
+
+_pipes: dict[tuple, object] = {}
+_pipes_lock = threading.Lock()
+
+
+def _int(params: dict, key: str, default: int, lo: int, hi: int) -> int:
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidInput(f"'{key}' must be an integer from {lo} to {hi}")
+    return value
+
+
+def validate(params: dict) -> dict:
+    """Check and normalise a generate job's params (InvalidInput names what is wrong)."""
+    unknown = sorted(set(params) - set(PARAMS))
+    if unknown:
+        raise InvalidInput(f"unknown generate param(s): {', '.join(map(str, unknown))} "
+                           f"(params: {', '.join(PARAMS)})", fields=unknown)
+    prompt = params.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > MAX_PROMPT:
+        raise InvalidInput(f"'prompt' must be a string of 1 to {MAX_PROMPT} characters")
+    out: dict = {"prompt": prompt, "seed": _int(params, "seed", 0, 0, 2**32 - 1),
+                 "steps": _int(params, "steps", 30, 1, MAX_STEPS)}
+    layout = params.get("layout")
+    if layout is not None:
+        if not isinstance(layout, str) or len(layout) > 2000:
+            raise InvalidInput("'layout' must be a string of at most 2000 characters "
+                               "(e.g. '@smiths/ana=0,0,0.5,1;@smiths/ben=0.5,0,1,1')")
+        if layout.strip():
+            out["layout"] = layout
+    size = params.get("size")
+    if size is not None:
+        if (not isinstance(size, list) or len(size) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+                or not all(8 <= v <= MAX_SIDE and v % 8 == 0 for v in size)):
+            raise InvalidInput(f"'size' must be [width, height], multiples of 8 from 8 to "
+                               f"{MAX_SIDE}")
+        out["size"] = list(size)
+    method = params.get("method", "auto")
+    if not isinstance(method, str) or not method or len(method) > 32:
+        raise InvalidInput("'method' must be 'auto' or a method name")
+    out["method"] = method
+    commercial = params.get("commercial", False)
+    if not isinstance(commercial, bool):
+        raise InvalidInput("'commercial' must be true or false")
+    out["commercial"] = commercial
+    return out
+
+
+def output_path(data_dir: Path, job_id: str) -> Path:
+    return Path(data_dir) / OUTPUTS / f"{job_id}.png"
+
+
+def stored_image(vault, job: dict) -> Path:
+    """The PNG of a finished generate job (NotFound when there is none)."""
+    result = job.get("result") or {}
+    if job.get("kind") != KIND or job.get("status") != "done" or not result.get("image"):
+        raise NotFound(f"job {job.get('id')} has no generated image")
+    path = output_path(vault.settings.data_dir, job["id"])
+    if not path.is_file():
+        raise NotFound(f"the image of job {job['id']} is no longer stored")
+    return path
+
+
+def pipeline(vault, models_dir):
+    """The pipeline of this vault and models folder, loaded once."""
+    from generators.compose import ComposePipeline
+
+    key = (id(vault), str(models_dir))
+    with _pipes_lock:
+        pipe = _pipes.get(key)
+        if pipe is None:
+            pipe = ComposePipeline.from_pretrained(None, vault=vault, models_dir=models_dir)
+            while len(_pipes) >= MAX_PIPELINES:  # one per process in practice; tests open many
+                _pipes.pop(next(iter(_pipes)))
+            _pipes[key] = pipe
+        return pipe
+
+
+def run(ctx: JobContext) -> dict:
+    p = validate(ctx.params)
+    ctx.progress(0.0, "loading the models")
+    pipe = pipeline(ctx.vault, getattr(ctx.queue, "models_dir", None))
+    ctx.progress(0.02, "composing")
+
+    def progress(done: int, total: int) -> None:
+        ctx.progress(0.02 + 0.96 * done / max(total, 1), f"denoising: step {done} of {total}")
+
+    size = tuple(p["size"]) if "size" in p else None
+    result = pipe(p["prompt"], owner=ctx.owner, actor=f"job:{ctx.job_id}",
+                  layout=p.get("layout"), seed=p["seed"], steps=p["steps"], size=size,
+                  method=p["method"], commercial=p["commercial"], progress=progress)
+    data_dir = Path(ctx.vault.settings.data_dir)
+    path = output_path(data_dir, ctx.job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = result.save(path)  # written beside it and renamed into place
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    width, height = result.image.size
+    return {"image": str(path.relative_to(data_dir)), "sha256": digest,
+            "bytes": path.stat().st_size, "width": width, "height": height,
+            "seed": p["seed"], "steps": p["steps"],
+            "identities": [i.get("handle") for i in (manifest or {}).get("identities", [])],
+            "methods": dict(result.methods),
+            "seconds": round(float(result.timings.get("total", 0.0)), 3),
+            "generation_id": result.generation_id}
+
+
+register_kind(JobKind(
+    KIND, run, scope="generate", validate=validate,
+    description="compose a scene of enrolled identities from a prompt with @handles "
+                "(signed PNG with provenance; GET /v1/jobs/{id}/image)"), replace=True)
