@@ -34,13 +34,14 @@ from collections.abc import Sequence
 
 import torch
 
-from generators.methods import IdentityMethod, IdentityRequest
+from generators.methods import IdentityRequest
+from generators.methods.fitted import FittedMethod
 from vault.errors import InvalidInput, NotFound
 
 __all__ = ["CelebBasisMethod"]
 
 
-class CelebBasisMethod(IdentityMethod):
+class CelebBasisMethod(FittedMethod):
     """See the module docstring."""
 
     name = "celeb_basis"
@@ -50,25 +51,6 @@ class CelebBasisMethod(IdentityMethod):
         super().__init__(models_dir, device=device, dtype=dtype, settings=settings)
         self.base_model_id = ""
         self._embeddings: dict[int, dict[str, torch.Tensor]] = {}  # request index -> vectors
-
-    def problem(self, request: IdentityRequest) -> str | None:
-        arts = request.artifacts_of(self.artifact_kind)
-        if not arts:
-            return (f"{request.handle} has no celeb_basis artifact (fit one with `idvault "
-                    f"personalize {request.handle} --kind celeb_basis`)")
-        if any(a["model_id"] == self.base_model_id for a in arts):
-            return None
-        return (f"{request.handle}'s celeb_basis artifact was fitted against "
-                f"{', '.join(sorted(a['model_id'] for a in arts))}, but this base model is "
-                f"{self.base_model_id}; fit it again against this base model")
-
-    def select(self, requests: Sequence[IdentityRequest]) -> None:
-        for r in requests:
-            why = self.problem(r)
-            if why:
-                raise InvalidInput(why, handle=r.handle)
-            r.artifact = next(a for a in r.artifacts_of(self.artifact_kind)
-                              if a["model_id"] == self.base_model_id)
 
     def load(self, unet) -> None:
         pass  # nothing beyond the base model

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from generators.methods import IdentityMethod, IdentityRequest, Scene
+from generators.methods import IdentityRequest, Scene
+from generators.methods.fitted import FittedMethod
 from vault.errors import InvalidInput
 
 __all__ = ["LidbMethod", "LidbSettings"]
@@ -49,7 +50,7 @@ class LidbSettings:
     scale: float = 1.0  # the LoRA scale (1: as load_lora_weights without alphas)
 
 
-class LidbMethod(IdentityMethod):
+class LidbMethod(FittedMethod):
     """See the module docstring."""
 
     name = "lidb"
@@ -69,25 +70,6 @@ class LidbMethod(IdentityMethod):
     def _roots(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder,
                 "text_encoder_2": self.pipe.text_encoder_2}
-
-    def problem(self, request: IdentityRequest) -> str | None:
-        arts = request.artifacts_of(self.artifact_kind)
-        if not arts:
-            return (f"{request.handle} has no lidb artifact (fit one with `idvault "
-                    f"personalize {request.handle} --kind lidb`)")
-        if any(a["model_id"] == self.base_model_id for a in arts):
-            return None
-        return (f"{request.handle}'s lidb artifact was fitted against "
-                f"{', '.join(sorted(a['model_id'] for a in arts))}, but this base model is "
-                f"{self.base_model_id}; fit it again against this base model")
-
-    def select(self, requests: Sequence[IdentityRequest]) -> None:
-        for r in requests:
-            why = self.problem(r)
-            if why:
-                raise InvalidInput(why, handle=r.handle)
-            r.artifact = next(a for a in r.artifacts_of(self.artifact_kind)
-                              if a["model_id"] == self.base_model_id)
 
     def load(self, unet) -> None:
         if self._shapes is None:
