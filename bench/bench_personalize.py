@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -44,8 +45,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MANIFEST_CANDIDATES = (ROOT.parent / "shared/reference/manifests/base_models.json",
-                       Path("/work/shared/reference/manifests/base_models.json"))
+MANIFEST_CANDIDATES = tuple(
+    Path(p) / "base_models.json"
+    for p in (os.environ.get("IDVAULT_REFERENCE_MANIFESTS"),
+              ROOT.parent / "shared" / "reference" / "manifests")
+    if p)
 
 
 def full_size_sd15(device: str, dtype: torch.dtype):

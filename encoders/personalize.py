@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encoders.base_model_id import base_model_id
+
 # The textual-inversion template list (imagenet_templates_small of the
 # textual_inversion / LDM repos), which Celeb Basis trains with; "{}" is
 # replaced by "face of <id> person".
@@ -415,12 +417,6 @@ def load_face_images(paths: Sequence[str | Path], *, max_side: int = 1024) -> li
     return out
 
 
-def base_model_id(folder: str | Path) -> str:
-    """The same base-model id :class:`generators.compose.ComposePipeline` records."""
-    from generators.compose import base_model_fingerprint
-
-    folder = Path(folder)
-    return f"{folder.name}@{base_model_fingerprint(folder)[:16]}"
 
 
 # -- jobs -----------------------------------------------------------------------------------

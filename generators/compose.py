@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import threading
 import time
@@ -70,6 +69,7 @@ from pathlib import Path
 
 import torch
 
+from encoders.base_model_id import base_model_fingerprint, base_model_id
 from generators.layout import DEFAULT_FEATHER, Layout, MaskConfig, auto_layout, parse_layout
 from generators.methods import (
     DEFAULT_PREFERENCE,
@@ -198,26 +198,6 @@ def find_base_model(base_model: str | Path | None, models_dir: Path | str | None
         return text  # a hub name: from_pretrained finds it in the cache or downloads it
     raise ModelUnavailable(f"base model {text}: no such folder, and not a Hugging Face name "
                            "(owner/name)", path=text)
-
-
-def base_model_fingerprint(folder: Path) -> str:
-    """A fast fingerprint of a diffusers folder: every config file whole, every weights file
-    by name, size and its first and last MiB. (Hashing 7 GB per run would cost a minute; this
-    tells releases and fine-tunes apart, but is not a full content hash.)"""
-    h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = f.relative_to(folder).as_posix()
-        if rel.startswith(".") or "/." in rel:
-            continue
-        h.update(f"{rel}:{f.stat().st_size}\n".encode())
-        if f.suffix in (".json", ".txt"):
-            h.update(f.read_bytes())
-        elif f.suffix in (".safetensors", ".bin"):
-            with f.open("rb") as handle:
-                h.update(handle.read(1 << 20))
-                handle.seek(max(0, f.stat().st_size - (1 << 20)))
-                h.update(handle.read(1 << 20))
-    return h.hexdigest()
 
 
 def _quiet_loading():
@@ -403,7 +383,7 @@ class ComposePipeline:
         source = find_base_model(base_model, models_dir)
         pipe = load_sdxl(source, device=device, dtype=dtype)
         if isinstance(source, Path):
-            model_id = f"{source.name}@{base_model_fingerprint(source)[:16]}"
+            model_id = base_model_id(source)
         else:
             model_id = f"hf:{source}"
         return cls(pipe, vault=vault, models_dir=models_dir, config=config,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ import torch
 from encoders import lidb
 from encoders.personalize import DiffusionModel, FitConfig
 
-MANIFEST = Path("/work/shared/reference/manifests/base_models.json")
 ROOT = Path(__file__).resolve().parents[2]
+MANIFEST = Path(os.environ.get("IDVAULT_REFERENCE_MANIFESTS",
+                               ROOT.parent / "shared" / "reference" / "manifests")
+                ) / "base_models.json"
 
 
 def manifest() -> dict:
