@@ -312,3 +312,21 @@ def test_init_with_unreachable_database_writes_no_key(tmp_path):
     with pytest.raises(InvalidInput, match="cannot create the vault databases"):
         Vault.init(bad)
     assert not (tmp_path / "v" / "master.key").exists()
+
+
+def test_several_reads_in_one_transaction_all_or_nothing(family):
+    from vault import audit
+
+    family.create_identity("smiths/ana", consent())
+    family.create_identity("smiths/ben", consent(purposes=["enroll"]))
+    family.put_artifact("smiths/ana", "face", face_payload(seed=1))
+    family.put_artifact("smiths/ben", "face", face_payload(seed=2))
+    with family.session() as s:
+        before = len(audit.events(s, limit=1000))
+    with pytest.raises(PurposeNotGranted, match="'generate'"):
+        family.get_artifacts([("smiths/ana", "face", None), ("smiths/ben", "face", None)])
+    with family.session() as s:
+        assert len(audit.events(s, limit=1000)) == before  # nothing read, nothing audited
+    [a] = family.get_artifacts([("smiths/ana", "face", None)], actor="gen")
+    assert a.handle == "smiths/ana" and a.artifact.shapes["normed"] == [2, 512]
+    assert family.get_artifacts([]) == []
