@@ -176,29 +176,20 @@ class FacePerceiverResampler(nn.Module):
         return self.norm_out(self.proj_out(latents))  # (b, n_lat, output_dim)
 
 
-class Resampler(nn.Module):
-    """Learned queries attending to image features (IP-Adapter's Resampler)."""
+class Resampler(FacePerceiverResampler):
+    """Learned queries attending to image features (IP-Adapter's Resampler): the
+    perceiver above with its latents as a parameter instead of an input."""
 
     def __init__(self, *, dim: int = 1024, depth: int = 8, dim_head: int = 64, heads: int = 16,
                  num_queries: int = 8, embedding_dim: int = 768, output_dim: int = 1024,
                  ff_mult: float = 4) -> None:
-        super().__init__()
+        super().__init__(dim=dim, depth=depth, dim_head=dim_head, heads=heads,
+                         embedding_dim=embedding_dim, output_dim=output_dim, ff_mult=ff_mult)
         self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
-        self.proj_in = nn.Linear(embedding_dim, dim)
-        self.proj_out = nn.Linear(dim, output_dim)
-        self.norm_out = nn.LayerNorm(output_dim)
-        self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads),
-                           feed_forward(dim, ff_mult)])
-            for _ in range(depth))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         latents = self.latents.repeat(x.size(0), 1, 1)  # (b, queries, dim)
-        x = self.proj_in(x)  # (b, n_in, dim)
-        for attn, ff in self.layers:
-            latents = attn(x, latents) + latents
-            latents = ff(latents) + latents
-        return self.norm_out(self.proj_out(latents))  # (b, queries, output_dim)
+        return super().forward(latents, x)  # (b, queries, output_dim)
 
 
 # -- fusion ------------------------------------------------------------------------------

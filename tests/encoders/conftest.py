@@ -38,3 +38,23 @@ def r50_pack_dir(tmp_path_factory: pytest.TempPathFactory, tiny_pack_dir: Path) 
     shutil.copy(tiny_pack_dir / "det_10g.onnx", directory / "det_10g.onnx")
     export_random_arcface_r50(directory / "w600k_r50.onnx")
     return directory
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny fits on one torch thread: under pytest (its plugins load other OpenMP/BLAS users)
+    two threads on a shared 2-core machine ran these tiny models ~50x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny diffusers SD1.5 pipeline folder (generators.tiny_pipelines)."""
+    from generators.tiny_pipelines import write_tiny_sd15
+
+    return write_tiny_sd15(tmp_path_factory.mktemp("tiny_sd15") / "sd15")

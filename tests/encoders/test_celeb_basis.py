@@ -12,27 +12,16 @@ from encoders import textual_inversion as ti
 from encoders.personalize import DiffusionModel, FitConfig
 from vault.errors import NotFound
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Fits on one torch thread: under pytest (its plugins load other OpenMP/BLAS users)
-    two threads on a shared 2-core machine run these tiny models ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+
+
 
 
 @pytest.fixture(scope="module")
-def tiny_sd15_dir(tmp_path_factory):
-    from generators.tiny_pipelines import write_tiny_sd15
-
-    return write_tiny_sd15(tmp_path_factory.mktemp("cb_sd15") / "sd15")
-
-
-@pytest.fixture(scope="module")
-def model(tiny_sd15_dir):
-    return DiffusionModel.from_pretrained(tiny_sd15_dir)
+def model(tiny_sd15):
+    return DiffusionModel.from_pretrained(tiny_sd15)
 
 
 def test_the_names_list_is_large_and_unique():
@@ -132,14 +121,14 @@ def test_equal_linear_and_the_mapping_math():
         torch.testing.assert_close(emb[:, k], coef[:, k] @ basis.basis()[k] + basis.mean()[k])
 
 
-def test_textual_inversion_export_loads_into_diffusers(tiny_sd15_dir, model, tmp_path):
+def test_textual_inversion_export_loads_into_diffusers(tiny_sd15, model, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     basis = cb.default_basis(model)
     coef = F.normalize(torch.randn(2, 512, generator=torch.Generator().manual_seed(2)), dim=-1)
     token = ti.default_token("smiths/ana")
     path = ti.write(tmp_path / "ana.safetensors", coef, basis, token)
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15)
     assert ti.load_into(pipe, path) == token
     # The pipeline expands a multi-vector token before tokenizing: "<t>" -> "<t> <t>_1".
     prompt = pipe.maybe_convert_prompt(f"a photo of {token}", pipe.tokenizer)

@@ -13,6 +13,8 @@ import torch
 from encoders import lidb
 from encoders.personalize import DiffusionModel, FitConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = Path(os.environ.get("IDVAULT_REFERENCE_MANIFESTS",
                                ROOT.parent / "shared" / "reference" / "manifests")
@@ -108,21 +110,8 @@ def test_relaxing_the_rank_keeps_the_delta():
     torch.testing.assert_close(r4.deltas(shapes)["unet.x"], w.deltas(shapes)["unet.x"])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Fits on one torch thread: under pytest (its plugins load other OpenMP/BLAS users)
-    two threads on a shared 2-core machine run these tiny models ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tiny_sd15(tmp_path_factory):
-    from generators.tiny_pipelines import write_tiny_sd15
-
-    return write_tiny_sd15(tmp_path_factory.mktemp("lidb_sd15") / "sd15")
 
 
 def _random_weights(model: DiffusionModel, seed: int = 5) -> lidb.LidbWeights:

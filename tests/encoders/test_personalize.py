@@ -13,6 +13,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 import encoders.personalize  # noqa: F401  (registers the job kinds)
 from encoders import celeb_basis as cb
 from encoders import lidb
@@ -22,20 +24,9 @@ from vault.jobs import REGISTRY, JobContext, JobQueue
 from vault.models import JobLease
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # See tests/encoders/test_celeb_basis.py: tiny fits under pytest run far faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> Path:
-    from generators.tiny_pipelines import write_tiny_sd15
-
-    return write_tiny_sd15(tmp_path_factory.mktemp("job_sd15") / "sd15")
+def base_model(tiny_sd15) -> Path:
+    return tiny_sd15
 
 
 @pytest.fixture

@@ -505,21 +505,23 @@ def test_storymaker_single_identity_equals_the_official_method(env) -> None:
 HALVES = "ana=0,0,0.5,1;ben=0.5,0,1,1"
 
 
-def _cross_attention_run(pipe, prompt, method, layout, replay: dict | None):
-    """Run one 1-step generation of 128x64; per cross-attention layer of the first UNet call
-    record its input and output, or (``replay``) the output for the recorded input."""
+def _cross_attention_run(pipe, prompt, method, layout, replay: dict | None, *,
+                         cross_only: bool = True):
+    """Run one 1-step generation of 128x64; per cross-attention layer (every attention
+    layer when not ``cross_only``) of the first UNet call record its input and output, or
+    (``replay``) the output for the recorded input."""
     unet = pipe.pipe.unet
     seen: dict[str, dict] = {}
     hooks = []
     for name in unet.attn_processors:
-        if not name.endswith("attn2.processor"):
+        if cross_only and not name.endswith("attn2.processor"):
             continue
         module = unet.get_submodule(name.removesuffix(".processor"))
 
         def hook(mod, args, kwargs, output, name=name):
             if name in seen:
                 return
-            ehs = kwargs["encoder_hidden_states"]
+            ehs = kwargs.get("encoder_hidden_states")  # None in self-attention
             if replay is None:
                 seen[name] = {"in": args[0].detach().clone(), "out": output.detach().clone()}
             else:

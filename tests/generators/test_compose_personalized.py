@@ -16,6 +16,7 @@ from tests.generators.test_compose import (
     HALVES,
     Env,
     UNetCalls,
+    _cross_attention_run,
     _encode_reference,
     _reference_loop,
     _state,
@@ -87,33 +88,6 @@ def _hooks_everywhere(sd) -> int:
 
 
 # -- locality -----------------------------------------------------------------------------------
-def _attention_run(pipe, prompt, method, layout, replay: dict | None):
-    """One 1-step 128x64 generation; per attention layer (attn1 and attn2) of the first UNet
-    call its input and output, or (``replay``) the output for the recorded input."""
-    unet = pipe.pipe.unet
-    seen: dict[str, dict] = {}
-    hooks = []
-    for name in unet.attn_processors:
-        module = unet.get_submodule(name.removesuffix(".processor"))
-
-        def hook(mod, args, kwargs, output, name=name):
-            if name in seen:
-                return
-            ehs = kwargs.get("encoder_hidden_states")
-            if replay is None:
-                seen[name] = {"in": args[0].detach().clone(), "out": output.detach().clone()}
-            else:
-                seen[name] = {"out": mod.processor(mod, replay[name]["in"],
-                                                   encoder_hidden_states=ehs).detach().clone()}
-        hooks.append(module.register_forward_hook(hook, with_kwargs=True))
-    try:
-        pipe(prompt, seed=4, steps=1, size=(128, 64), layout=layout, method=method)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 @pytest.mark.parametrize("kind", ["celeb_basis", "lidb"])
 def test_replacing_a_artifact_changes_outputs_only_inside_a_mask(env, kind) -> None:
     """A uses ``kind``; B uses another method (PhotoMaker / StoryMaker: mixing works). A new
@@ -128,9 +102,9 @@ def test_replacing_a_artifact_changes_outputs_only_inside_a_mask(env, kind) -> N
     sd = env.pipe.pipe
     hooks_before, state_before = _hooks_everywhere(sd), _state(sd.unet)
     with env.photomaker(start_merge_step=-1) as pipe:  # fused from step 0
-        before = _attention_run(pipe, prompt, how, halves, None)
+        before = _cross_attention_run(pipe, prompt, how, halves, None, cross_only=False)
         env.fitted(a, **{kind: True})  # new tensors for A's artifact, same kind and model id
-        after = _attention_run(pipe, prompt, how, halves, before)
+        after = _cross_attention_run(pipe, prompt, how, halves, before, cross_only=False)
     layout = parse_layout(halves, [a, b])
     grids = set()
     for name, rec in before.items():
