@@ -25,10 +25,21 @@ This module holds what both share:
   when this module is imported.
 
 **Photos.** The vault never stores photos, only what encoders computed from
-them. A fit needs images, so the photos are given when the job is submitted
-(``params["photos"]``: paths readable by the worker, never the pixels; job
-params are plain JSON). The face *embedding* the Celeb Basis mapper reads is
-the identity's stored ``face`` artifact (its L2-normalised ``mean``).
+them. A fit needs images, so they come with the job, one of two ways (job
+params are plain JSON, never pixels):
+
+* ``params["photos"]``: paths readable by the worker, from trusted callers
+  only (``idvault personalize`` on the machine that runs the job);
+* ``params["staged"]``: photos uploaded over the API and staged sealed
+  under the identity's key (:mod:`vault.staged_photos`); such a job names
+  its ``base_model`` as a folder *inside the worker's models folder*, never a
+  path, and the stage is discarded when the job ends.
+
+Both kinds are registered with ``trusted_params``, so the generic
+``POST /v1/jobs`` refuses them; the web API's personalise endpoint stages
+the upload and builds the params itself. The face *embedding* the Celeb
+Basis mapper reads is the identity's stored ``face`` artifact (its
+L2-normalised ``mean``).
 
 **Checkpoints.** ``vault.jobs`` checkpoints are plain JSON and must never hold
 biometric data; fitted weights are derived from a face. So the fit state
@@ -43,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -393,17 +405,22 @@ def run_fit(model: DiffusionModel, objective: Objective, images: Sequence[Sequen
 
 
 # -- photos ---------------------------------------------------------------------------------
-def load_face_images(paths: Sequence[str | Path], *, max_side: int = 1024) -> list[torch.Tensor]:
+def load_face_images(sources: Sequence[str | Path | tuple[str, bytes]], *,
+                     max_side: int = 1024) -> list[torch.Tensor]:
     """Decode photos safely (:func:`encoders.photo.load_photo`) and centre-crop them square.
 
-    Give face crops (the official recipe trains on an aligned face); a whole
-    photo also works but wastes the canvas on background.
+    ``sources`` are paths or ``(name, encoded bytes)`` pairs. Give face crops
+    (the official recipe trains on an aligned face); a whole photo also works
+    but wastes the canvas on background.
     """
     from encoders.photo import load_photo
 
     out = []
-    for p in paths:
-        rgb = load_photo(Path(p), name=Path(p).name)
+    for src in sources:
+        if isinstance(src, tuple):
+            rgb = load_photo(src[1], name=src[0])
+        else:
+            rgb = load_photo(Path(src), name=Path(src).name)
         h, w = rgb.shape[:2]
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
@@ -423,25 +440,40 @@ def load_face_images(paths: Sequence[str | Path], *, max_side: int = 1024) -> li
 JOB_KINDS = ("celeb_basis", "lidb")
 LIDB_MODES = ("fast", "scratch")
 HYPERNETWORK_FILE = "lidb_hypernetwork.safetensors"
+# A folder name inside the models folder: no separators, no leading dot.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 
 
 def _validate(kind: str) -> Callable[[dict], dict]:
     def check(params: dict) -> dict:
         from vault.errors import InvalidInput
 
-        known = {"photos", "base_model", "steps", "seed", "lr", "face_model_id",
+        from vault.staged_photos import StagedRef
+
+        known = {"photos", "staged", "base_model", "steps", "seed", "lr", "face_model_id",
                  "checkpoint_every", "models_dir", "mode", "rank", "basis_id", "resolution"}
         extra = sorted(set(params) - known)
         if extra:
             raise InvalidInput(f"unknown {kind} job params: {', '.join(extra)}")
-        photos = params.get("photos")
-        if not isinstance(photos, list) or not photos or not all(isinstance(p, str)
-                                                                  for p in photos):
-            raise InvalidInput(f"a {kind} job needs 'photos': a non-empty list of file paths "
-                               "(the vault stores no photos; the fit needs them)")
-        if not isinstance(params.get("base_model"), str):
-            raise InvalidInput(f"a {kind} job needs 'base_model': a diffusers folder")
         out = dict(params)
+        if "staged" in params:
+            if "photos" in params or "models_dir" in params:
+                raise InvalidInput(f"a {kind} job with staged photos takes neither 'photos' "
+                                   "nor 'models_dir' (the worker's models folder is used)")
+            out["staged"] = StagedRef.from_json(params["staged"]).to_json()
+            name = params.get("base_model")
+            if not isinstance(name, str) or not MODEL_NAME.match(name):
+                raise InvalidInput(f"a {kind} job with staged photos names 'base_model' as a "
+                                   "folder inside the worker's models folder (a name, not a "
+                                   "path)")
+        else:
+            photos = params.get("photos")
+            if not isinstance(photos, list) or not photos or not all(isinstance(p, str)
+                                                                      for p in photos):
+                raise InvalidInput(f"a {kind} job needs 'photos': a non-empty list of file "
+                                   "paths (the vault stores no photos; the fit needs them)")
+            if not isinstance(params.get("base_model"), str):
+                raise InvalidInput(f"a {kind} job needs 'base_model': a diffusers folder")
         for name, lo in (("steps", 1), ("seed", 0), ("checkpoint_every", 0), ("rank", 1)):
             if name in out and (not isinstance(out[name], int) or out[name] < lo):
                 raise InvalidInput(f"'{name}' must be an integer >= {lo}")
@@ -521,13 +553,40 @@ def _prepare(ctx):
     with ctx.vault.session() as s:
         check_use(identities.get_identity(s, ctx.identity).consent, "personalize")
     p = ctx.params
+    if "staged" in p:
+        from vault import staged_photos
+
+        sources = staged_photos.load(ctx.vault, ctx.identity,
+                                     staged_photos.StagedRef.from_json(p["staged"]))
+        base_model = _in_models_dir(ctx, p["base_model"])
+    else:
+        sources, base_model = p["photos"], Path(p["base_model"])
     try:
-        images = load_face_images(p["photos"])
+        images = load_face_images(sources)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
-    ctx.progress(0.0, f"loading base model {p['base_model']}")
-    model = DiffusionModel.from_pretrained(p["base_model"])
-    return model, images, base_model_id(p["base_model"])
+    ctx.progress(0.0, f"loading base model {base_model.name}")
+    model = DiffusionModel.from_pretrained(base_model)
+    return model, images, base_model_id(base_model)
+
+
+def worker_models_dir(ctx) -> Path | None:
+    """The models folder of the worker running ``ctx`` (``idvault serve --models``)."""
+    folder = getattr(ctx.queue, "models_dir", None)
+    return Path(folder) if folder else None
+
+
+def _in_models_dir(ctx, name: str) -> Path:
+    from vault.errors import InvalidInput
+
+    root = worker_models_dir(ctx)
+    if root is None:
+        raise InvalidInput("this worker has no models folder (IDVAULT_MODELS) to find the "
+                           f"base model {name!r} in")
+    folder = root / name
+    if not MODEL_NAME.match(name) or not (folder / "model_index.json").is_file():
+        raise InvalidInput(f"no diffusers base model {name!r} in the worker's models folder")
+    return folder
 
 
 def _fit_config(p: dict, **defaults) -> FitConfig:
@@ -583,7 +642,7 @@ def run_lidb_job(ctx) -> dict:
     mode = p.get("mode", "fast")
     rank = int(p.get("rank", lidb.FAST_RANK if mode == "fast" else 1))
     start = None
-    models_dir = p.get("models_dir")
+    models_dir = worker_models_dir(ctx) if "staged" in p else p.get("models_dir")
     hyper = Path(models_dir) / HYPERNETWORK_FILE if models_dir else None
     if mode == "fast" and hyper is not None and hyper.exists():
         ctx.progress(0.02, "predicting LiDB weights with the hypernetwork")
@@ -613,11 +672,12 @@ def register_jobs(*, replace_existing: bool = True) -> None:
 
     register_kind(JobKind(
         "celeb_basis", run_celeb_basis_job, scope="generate", validate=_validate("celeb_basis"),
-        needs_identity=True,
+        needs_identity=True, trusted_params=True,
         description="fit Celeb Basis coefficients for an identity (consent: personalize)"),
         replace=replace_existing)
     register_kind(JobKind(
         "lidb", run_lidb_job, scope="generate", validate=_validate("lidb"), needs_identity=True,
+        trusted_params=True,
         description="fit HyperDreamBooth LiDB weights for an identity (consent: personalize)"),
         replace=replace_existing)
 

@@ -27,7 +27,7 @@ ACTIONS = (
     "vault.init", "owner.create", "identity.create", "identity.delete", "identity.not_same",
     "artifact.write", "artifact.read", "artifact.delete", "consent.withdraw", "consent.expire",
     "keys.rotate", "index.rebuild", "apikey.create", "apikey.revoke", "generate", "personalize",
-    "enroll", "review.accept", "review.reject",
+    "enroll", "review.accept", "review.reject", "photos.stage",
 )
 
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from vault import identities
+from vault import identities, staged_photos
 from vault.errors import Conflict, InvalidInput, NotFound, VaultError
 from vault.handles import Handle
 from vault.models import JOB_STATUSES, Identity, Job, JobLease, Owner, utcnow
@@ -53,6 +53,7 @@ log = logging.getLogger("idvault.jobs")
 
 MAX_PARAMS_BYTES = 64 * 1024
 TERMINAL = ("done", "failed", "cancelled")
+SWEEP_EVERY_SECONDS = 600.0
 
 
 class JobCancelled(Exception):
@@ -67,6 +68,9 @@ class JobKind:
     None. ``validate(params)`` checks and normalises the submitted params
     (raise ``InvalidInput``). ``scope`` is the API scope needed to submit and
     cancel it; ``needs_identity`` says whether it applies to one identity.
+    ``trusted_params``: the params may name things on the worker's machine
+    (file paths), so only trusted code builds them -- the CLI, or a web
+    endpoint of its own -- and the generic ``POST /v1/jobs`` refuses the kind.
     """
 
     name: str
@@ -75,6 +79,7 @@ class JobKind:
     description: str = ""
     validate: Callable[[dict], dict] | None = None
     needs_identity: bool = False
+    trusted_params: bool = False
 
 
 REGISTRY: dict[str, JobKind] = {}
@@ -230,10 +235,30 @@ class JobQueue:
             if job.status in TERMINAL:
                 raise Conflict(f"job {job.id} is already {job.status}")
             job.cancel_requested = True
-            if job.status == "queued":
+            ended = job.status == "queued"
+            if ended:
                 job.status, job.finished_at = "cancelled", utcnow()
                 job.message = "cancelled before it started"
-            return self._describe(s, job)
+                stages = self._stages(s, job)
+            doc = self._describe(s, job)
+        if ended:
+            self._discard(stages)
+        return doc
+
+    # -- staged photos --------------------------------------------------------------------
+    @staticmethod
+    def _stages(s: Session, job: Job) -> list[tuple[str, str]]:
+        """``(identity uid, stage id)`` of the photos staged for ``job`` (none for most)."""
+        ids = staged_photos.stage_ids(job.params)
+        if not ids or job.identity_id is None:
+            return []
+        uid = s.scalar(select(Identity.uid).where(Identity.id == job.identity_id))
+        return [(uid, sid) for sid in ids] if uid else []
+
+    def _discard(self, stages: list[tuple[str, str]]) -> None:
+        # After the commit: a job that ended keeps nothing of its photos.
+        for uid, stage_id in stages:
+            staged_photos.discard(self.vault, uid, stage_id)
 
     def _job(self, s: Session, job_id: str, owner: str | None, *, lock: bool = False) -> Job:
         try:
@@ -272,6 +297,7 @@ class JobQueue:
         """Queue again the running jobs whose worker stopped renewing its lease."""
         stale = utcnow() - dt.timedelta(seconds=self.lease_seconds)
         n = 0
+        ended: list[tuple[str, str]] = []
         with self.vault.session() as s:
             rows = s.execute(select(Job, JobLease).outerjoin(JobLease, JobLease.job_id == Job.id)
                              .where(Job.status == "running")).all()
@@ -282,9 +308,11 @@ class JobQueue:
                 if job.cancel_requested:
                     job.status, job.finished_at = "cancelled", utcnow()
                     job.message = "cancelled while its worker was gone"
+                    ended += self._stages(s, job)
                 elif attempts >= self.max_attempts:
                     job.status, job.finished_at = "failed", utcnow()
                     job.error = f"its worker stopped {attempts} times; giving up"
+                    ended += self._stages(s, job)
                 else:
                     job.status = "queued"
                     job.message = f"resuming: its worker stopped (attempt {attempts} of " \
@@ -292,6 +320,7 @@ class JobQueue:
                     if lease is not None:
                         lease.worker = ""
                 n += 1
+        self._discard(ended)
         return n
 
     def claim(self) -> tuple[Job, JobLease, str, str | None] | None:
@@ -361,6 +390,8 @@ class JobQueue:
             row.error = error
             if message is not None:
                 row.message = message
+            stages = self._stages(s, row)
+        self._discard(stages)
         return status
 
     def _heartbeat(self, job_id: str) -> None:
@@ -410,6 +441,7 @@ class JobQueue:
 
     def _loop(self) -> None:
         last_recover = 0.0
+        last_sweep = -SWEEP_EVERY_SECONDS
         import time
 
         while not self._stop.is_set():
@@ -418,6 +450,9 @@ class JobQueue:
                 if now - last_recover > self.lease_seconds / 2:
                     self.recover()
                     last_recover = now
+                if now - last_sweep > SWEEP_EVERY_SECONDS:
+                    staged_photos.sweep(self.vault)  # orphans of a crash mid-submit
+                    last_sweep = now
                 if self.run_one() is not None:
                     continue
             except Exception:
@@ -429,8 +464,8 @@ class JobQueue:
 def describe_kinds(registry: dict[str, JobKind] | None = None) -> list[dict]:
     reg = REGISTRY if registry is None else registry
     return [{"kind": k.name, "scope": k.scope, "description": k.description,
-             "needs_identity": k.needs_identity} for k in sorted(reg.values(),
-                                                                 key=lambda k: k.name)]
+             "needs_identity": k.needs_identity, "trusted_params": k.trusted_params}
+            for k in sorted(reg.values(), key=lambda k: k.name)]
 
 
 # -- built-in kinds ------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from vault import audit, codec, crypto, db, identities
+from vault import audit, codec, crypto, db, identities, staged_photos
 from vault.config import Settings
 from vault.consent import ConsentRequest, check_use
 from vault.dedupe_index import DedupeIndex, Match
@@ -682,6 +682,7 @@ class Vault:
                          for a in sorted(identity.artifacts, key=lambda a: a.id)]
             consents = [c.uid for c in identity.consents]
         key_id = self.keys.shred(uid)  # from here on, every copy is unreadable
+        staged_photos.discard_identity(self, uid)  # unreadable already; now gone too
         removed = self.index.remove(owner_id, identity_id)
         with self.session() as s:
             identity = identities.get_identity(s, h, lock=True)

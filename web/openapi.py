@@ -115,7 +115,7 @@ SCHEMAS: dict[str, dict] = {
                              "decided_at", "decided_by"]),
     "NotSamePair": _obj({"a": STR, "b": STR, "created_at": STR}),
     "JobKind": _obj({"kind": STR, "scope": {"type": "string", "enum": list(SCOPES)},
-                     "description": STR, "needs_identity": BOOL}),
+                     "description": STR, "needs_identity": BOOL, "trusted_params": BOOL}),
     "Job": _obj({
         "id": STR, "kind": STR, "status": {"type": "string", "enum": list(JOB_STATUSES)},
         "progress": {"type": "number", "minimum": 0, "maximum": 1}, "message": NSTR,

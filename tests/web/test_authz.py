@@ -69,6 +69,8 @@ ENDPOINTS = [
     Endpoint("GET", "/v1/jobs/{job}", "identities:read", handle_path=True),
     Endpoint("POST", "/v1/jobs/{job}/cancel", "admin", handle_path=True),
     Endpoint("POST", "/v1/generate", "generate", "json:generate"),
+    Endpoint("POST", "/v1/identities/smiths/ana/personalize", "generate", "personalize",
+             handle_path=True),
     Endpoint("GET", "/v1/jobs/{scene}/image", "identities:read", handle_path=True),
     Endpoint("GET", "/v1/jobs/{scene}/verify", "identities:read", handle_path=True),
     Endpoint("POST", "/v1/verify", "identities:read", "png"),
@@ -159,8 +161,10 @@ def call(web, client, e: Endpoint, ids: dict, headers: dict | None = None):
         kwargs["content_type"] = "multipart/form-data"
     elif e.body == "json:key":
         kwargs["json"] = {"name": "k", "scopes": ["admin"]}  # no key grants more than it holds
-    elif e.body == "photos":
+    elif e.body in ("photos", "personalize"):
         kwargs["data"] = {"photos": [(io.BytesIO(photo_bytes(1, 7)), "a.jpg")]}
+        if e.body == "personalize":
+            kwargs["data"]["kind"] = "lidb"
         kwargs["content_type"] = "multipart/form-data"
     return client.open(path, method=e.method, **kwargs)
 

@@ -160,11 +160,12 @@ def _areas() -> list:
         keys,
         meta,
         owner,
+        personalization,
         reviews,
     )
 
-    return [meta, owner, identities, enrollment, artifacts, reviews, jobs, generation, audit,
-            keys]
+    return [meta, owner, identities, enrollment, artifacts, reviews, jobs, generation,
+            personalization, audit, keys]
 
 
 def area_blueprints() -> list[ApiBlueprint]:

@@ -52,7 +52,7 @@ def safe_names(raw: list[str | None]) -> list[str]:
     return out
 
 
-def _multipart(allowed_form: set[str], allowed_files: set[str]) -> None:
+def multipart(allowed_form: set[str], allowed_files: set[str]) -> None:
     if request.mimetype != "multipart/form-data":
         raise UnsupportedMediaType("send the photos as multipart/form-data, one file part "
                                    "per photo in the field 'photos'")
@@ -157,7 +157,7 @@ def per_photo(names: list[str], exc: PhotoRejected) -> PhotoRejected:
 def enroll(owner: str, name: str):
     p = require("identities:write")
     handle = handle_in_owner(p, owner, name)
-    _multipart(ENROLL_FORM, ENROLL_FILES)
+    multipart(ENROLL_FORM, ENROLL_FILES)
     photos, names = read_photos()
     consent_raw = request.form.get("consent")
     evidence = request.files.get("evidence")
@@ -196,7 +196,7 @@ def enroll(owner: str, name: str):
        responses={"200": json_response("one result per photo", ref("PhotoChecks"))})
 def check_photos():
     require("identities:write")
-    _multipart({"pick", "csrf_token"}, PHOTO_FIELDS)
+    multipart({"pick", "csrf_token"}, PHOTO_FIELDS)
     photos, names = read_photos()
     pick = parse_pick(request.form.get("pick"))
     analyzer = state().enroller().analyzer

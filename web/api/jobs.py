@@ -1,14 +1,16 @@
 """Jobs: long work with status, progress and cancel (``vault.jobs``).
 
 Which kinds can be submitted depends on what this server has registered
-(``GET /job-kinds``); generation and personalisation register theirs when
-they land. Each kind names the scope needed to submit or cancel it.
+(``GET /job-kinds``). Each kind names the scope needed to submit or cancel
+it. Kinds registered with ``trusted_params`` (personalisation, whose CLI
+form takes file paths) are refused here; they have their own endpoint.
 """
 
 from __future__ import annotations
 
 from flask import jsonify, request
 
+from encoders.personalize import JOB_KINDS
 from vault.errors import InvalidInput
 from vault.jobs import describe_kinds
 from vault.models import JOB_STATUSES
@@ -71,6 +73,11 @@ def submit_job():
     jobs = state().jobs
     kind = jobs.kind(string_field(doc, "kind", max_len=32))
     p = require(kind.scope)
+    if kind.trusted_params:
+        raise InvalidInput(f"{kind.name} jobs are not submitted here: their params may name "
+                           "files on the server. Use POST /v1/identities/{owner}/{name}/"
+                           "personalize (photos as multipart)" if kind.name in JOB_KINDS
+                           else f"{kind.name} jobs cannot be submitted over the API")
     params = doc.get("params", {})
     if not isinstance(params, dict):
         raise InvalidInput("'params' must be a JSON object")
