@@ -71,6 +71,9 @@ class JobKind:
     ``trusted_params``: the params may name things on the worker's machine
     (file paths), so only trusted code builds them -- the CLI, or a web
     endpoint of its own -- and the generic ``POST /v1/jobs`` refuses the kind.
+    ``preflight(vault, owner, params)`` checks the params against the vault at
+    submission (e.g. that the identities a prompt names are the owner's and
+    consent), so a job that cannot run is refused at once; the run checks again.
     """
 
     name: str
@@ -80,6 +83,7 @@ class JobKind:
     validate: Callable[[dict], dict] | None = None
     needs_identity: bool = False
     trusted_params: bool = False
+    preflight: Callable[[object, str, dict], None] | None = None
 
 
 REGISTRY: dict[str, JobKind] = {}
@@ -192,6 +196,8 @@ class JobQueue:
             raise InvalidInput(f"job params are limited to {MAX_PARAMS_BYTES} bytes of JSON")
         if spec.needs_identity and identity is None:
             raise InvalidInput(f"a {kind} job needs an identity")
+        if spec.preflight is not None:
+            spec.preflight(self.vault, owner, params)
         with self.vault.session() as s:
             owner_row = identities.get_owner(s, owner)
             identity_id = None

@@ -81,6 +81,16 @@ def validate(params: dict) -> dict:
     return out
 
 
+def preflight(vault, owner: str, params: dict) -> None:
+    """Refuse at submission a scene that cannot run: a bad mention, a handle of another
+    owner or unknown (the same NotFound), a held identity, consent that does not grant
+    ``generate`` (and ``commercial`` when asked). The job checks again when it runs."""
+    from generators.prompt import parse_prompt, resolve_identities
+
+    purposes = ("generate", "commercial") if params.get("commercial") else ("generate",)
+    resolve_identities(vault, parse_prompt(params["prompt"]), owner=owner, purposes=purposes)
+
+
 def output_path(data_dir: Path, job_id: str) -> Path:
     return Path(data_dir) / OUTPUTS / f"{job_id}.png"
 
@@ -140,6 +150,6 @@ def run(ctx: JobContext) -> dict:
 
 
 register_kind(JobKind(
-    KIND, run, scope="generate", validate=validate,
+    KIND, run, scope="generate", validate=validate, preflight=preflight,
     description="compose a scene of enrolled identities from a prompt with @handles "
                 "(signed PNG with provenance; GET /v1/jobs/{id}/image)"), replace=True)

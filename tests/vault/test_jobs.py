@@ -211,3 +211,23 @@ def test_built_in_kinds_and_the_registry(family):
         unregister_kind("plugin_kind")
     with pytest.raises(ValueError):
         register_kind(JobKind("x" * 40, lambda ctx: None))
+
+
+def test_preflight_refuses_at_submission(family):
+    seen: list = []
+
+    def preflight(vault, owner: str, params: dict) -> None:
+        seen.append((vault is family, owner, params))
+        if params.get("who") != owner:
+            raise NotFound(f"no identity {params.get('who')}")
+
+    q = JobQueue(family, registry={"checked": JobKind(
+        "checked", lambda ctx: {}, validate=lambda p: {**p, "checked": True},
+        preflight=preflight)})
+    with pytest.raises(NotFound, match="no identity northlight"):
+        q.submit("smiths", "checked", {"who": "northlight"})
+    assert q.list("smiths") == []  # nothing queued
+    job = q.submit("smiths", "checked", {"who": "smiths"})
+    assert job["status"] == "queued"
+    # It sees the validated params and the submitting owner.
+    assert seen[-1] == (True, "smiths", {"who": "smiths", "checked": True})

@@ -129,20 +129,39 @@ def test_generate_fetch_and_verify(gen_web, tmp_path):
 def test_refusals_fail_the_job_or_the_request(gen_web):
     web = gen_web
     enroll_for_generation(web, "smiths/ana", 1)
-    # Consent without 'commercial': the job fails with the reason, nothing is written.
-    job = generate(web, prompt="@smiths/ana at a launch party", commercial=True)
+    enroll_for_generation(web, "smiths/ben", 2)
+    before = web.client.get("/v1/jobs", headers=web.headers()).get_json()["items"]
+    # Refused at submission, nothing queued: consent without 'commercial' (403), a handle
+    # of another owner (the same 404 as one that does not exist), a bad mention (400).
+    for owner, body, status, needle in (
+            ("smiths", {"prompt": "@smiths/ana at a launch party", "commercial": True}, 403,
+             "commercial"),
+            ("northlight", {"prompt": "@smiths/ana in a studio"}, 404, "no identity smiths/ana"),
+            ("northlight", {"prompt": "@northlight/ghost in a studio"}, 404,
+             "no identity northlight/ghost"),
+            ("smiths", {"prompt": "@smiths/Ana!! on a boat"}, 400, "@smiths/Ana")):
+        for path, doc in (("/v1/generate", body),
+                          ("/v1/jobs", {"kind": "generate", "params": body})):
+            resp = web.client.post(path, headers=web.headers(owner), json=doc)
+            assert resp.status_code == status, (path, body, resp.get_data(as_text=True))
+            assert needle in resp.get_json()["error"]["message"]
+            assert set(resp.get_json()) == {"error"}
+    assert web.client.get("/v1/jobs", headers=web.headers()).get_json()["items"] == before
+    assert web.client.get("/v1/jobs", headers=web.headers("northlight")
+                          ).get_json()["items"] == []
+    # Consent withdrawn after submission: the job fails with the reason, nothing written.
+    job = generate(web, prompt="@smiths/ben at a launch party")
+    assert web.client.post("/v1/identities/smiths/ben/consent/withdraw", headers=web.headers(),
+                           json={"reason": "changed my mind"}).status_code == 200
     failed = run(web, job["id"])
-    assert failed["status"] == "failed" and "commercial" in failed["error"], failed
+    assert failed["status"] == "failed", failed
+    assert "no identity smiths/ben" in failed["error"]  # erased: the family erases at once
     assert failed["result"] is None
     assert not generation.output_path(web.vault.settings.data_dir, job["id"]).exists()
     resp = web.client.get(f"/v1/jobs/{job['id']}/image", headers=web.headers())
     assert resp.status_code == 404 and "no generated image" in resp.get_json()["error"]["message"]
     assert web.client.get(f"/v1/jobs/{job['id']}/verify", headers=web.headers()
                           ).status_code == 404
-    # Another owner's handle: the job fails as for a handle that does not exist.
-    job = generate(web, "northlight", prompt="@smiths/ana in a studio")
-    failed = run(web, job["id"], "northlight")
-    assert failed["status"] == "failed" and "no identity smiths/ana" in failed["error"]
     # Bad params: 400 at submission, nothing queued.
     before = web.client.get("/v1/jobs", headers=web.headers()).get_json()["items"]
     for body in ({"prompt": ""}, {"prompt": "x", "steps": 0}, {"prompt": "x", "steps": "2"},

@@ -71,11 +71,16 @@ def _verification(v) -> dict:
 @bp.op("/generate", "POST", summary="Compose a scene of the owner's identities (a 'generate' "
        "job)", scope="generate",
        description="Queues a job; poll `GET /jobs/{job_id}`, then fetch "
-                   "`GET /jobs/{job_id}/image`. Consent (`generate`, and `commercial` when "
-                   "asked) is checked when the job runs; a refusal fails the job with the "
-                   "reason.",
+                   "`GET /jobs/{job_id}/image`. The prompt's identities are checked now (an "
+                   "unknown or another owner's handle: 404; held for review: 409; consent "
+                   "not granting `generate`, or `commercial` when asked: 403) and again "
+                   "when the job runs, where a refusal fails the job with the reason.",
        body=json_request(GENERATE_BODY),
-       responses={"202": json_response("queued", ref("Job"))})
+       responses={"202": json_response("queued", ref("Job")),
+                  "403": json_response("an identity's consent refuses this use", ref("Error")),
+                  "404": json_response("a handle that is unknown or of another owner",
+                                       ref("Error")),
+                  "409": json_response("an identity is held for review", ref("Error"))})
 def submit_generation():
     p = require("generate")
     doc = json_body(required=("prompt",), optional=generation.PARAMS[1:])
