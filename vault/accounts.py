@@ -28,6 +28,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, selectinload
 
+from vault import audit
 from vault.api_keys import SCOPES
 from vault.errors import AlreadyExists, InvalidInput, NotFound
 from vault.identities import get_owner
@@ -107,7 +108,7 @@ def check_password(user: User | None, password: str) -> bool:
 
 # -- users ------------------------------------------------------------------------------
 def create_user(session: Session, username: str, password: str | None = None, *,
-                superuser: bool = False) -> tuple[User, str | None]:
+                actor: str, superuser: bool = False) -> tuple[User, str | None]:
     """A new user; returns it and the generated password when none was given.
 
     A generated password is a one-time password: the UI asks for a new one
@@ -125,6 +126,8 @@ def create_user(session: Session, username: str, password: str | None = None, *,
                 must_change_password=generated is not None, password_changed_at=utcnow())
     session.add(user)
     session.flush()
+    audit.append(session, "user.create", actor=actor, subject=username,
+                 details={"superuser": superuser, "one_time_password": generated is not None})
     return user, generated
 
 
@@ -146,7 +149,8 @@ def count_users(session: Session) -> int:
     return len(session.scalars(select(User.id)).all())
 
 
-def set_password(session: Session, username: str, password: str | None = None) -> str | None:
+def set_password(session: Session, username: str, password: str | None = None, *,
+                 actor: str) -> str | None:
     """Set (or generate, returned) a new password; ends every session of the user."""
     user = get_user(session, username)
     generated = None
@@ -158,6 +162,8 @@ def set_password(session: Session, username: str, password: str | None = None) -
     user.must_change_password = generated is not None
     user.password_changed_at = utcnow()
     end_all_sessions(session, user.id)
+    audit.append(session, "user.password", actor=actor, subject=username,
+                 details={"one_time_password": generated is not None})
     return generated
 
 
@@ -177,13 +183,15 @@ def authenticate(session: Session, username: str, password: str) -> User | None:
     return user
 
 
-def delete_user(session: Session, username: str) -> None:
+def delete_user(session: Session, username: str, *, actor: str) -> None:
     session.delete(get_user(session, username))
     session.flush()
+    audit.append(session, "user.delete", actor=actor, subject=username)
 
 
 # -- memberships ------------------------------------------------------------------------
-def grant(session: Session, username: str, owner: str, role: str) -> Membership:
+def grant(session: Session, username: str, owner: str, role: str, *,
+          actor: str) -> Membership:
     """Give ``username`` ``role`` in ``owner`` (replacing the role it had there)."""
     if role not in ROLES:
         raise InvalidInput(f"role must be one of {', '.join(ROLES)}, not {role!r}")
@@ -191,24 +199,31 @@ def grant(session: Session, username: str, owner: str, role: str) -> Membership:
     owner_row = get_owner(session, owner)
     member = session.scalar(select(Membership).where(Membership.user_id == user.id,
                                                      Membership.owner_id == owner_row.id))
+    previous = None if member is None else member.role
     if member is None:
         member = Membership(user_id=user.id, owner_id=owner_row.id, role=role)
         session.add(member)
     else:
         member.role = role
     session.flush()
+    audit.append(session, "member.grant", actor=actor, owner=owner_row.name, subject=username,
+                 details={"role": role, "previous": previous})
     return member
 
 
-def revoke(session: Session, username: str, owner: str) -> None:
+def revoke(session: Session, username: str, owner: str, *, actor: str) -> None:
     user = get_user(session, username)
     owner_row = get_owner(session, owner)
     member = session.scalar(select(Membership).where(Membership.user_id == user.id,
                                                      Membership.owner_id == owner_row.id))
     if member is None:
         raise NotFound(f"{username} is not a member of {owner}")
+    role = member.role
     session.delete(member)
     session.flush()
+    session.expire(user, ["memberships"])  # its loaded list still holds the deleted row
+    audit.append(session, "member.revoke", actor=actor, owner=owner_row.name, subject=username,
+                 details={"role": role})
 
 
 def role_in(session: Session, user: User, owner_id: int) -> str | None:

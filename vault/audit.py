@@ -27,7 +27,8 @@ ACTIONS = (
     "vault.init", "owner.create", "identity.create", "identity.delete", "identity.not_same",
     "artifact.write", "artifact.read", "artifact.delete", "consent.withdraw", "consent.expire",
     "keys.rotate", "index.rebuild", "apikey.create", "apikey.revoke", "generate", "personalize",
-    "enroll", "review.accept", "review.reject", "photos.stage",
+    "enroll", "review.accept", "review.reject", "photos.stage", "user.create",
+    "user.password", "user.delete", "member.grant", "member.revoke",
 )
 
 

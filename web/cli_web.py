@@ -89,9 +89,10 @@ def user_add(username: str, owner_name: str | None, role: str, superuser: bool,
 
     password = _read_password(password_stdin)
     with open_vault(settings, check_keys=False) as vault, vault.session() as s:
-        _, generated = accounts.create_user(s, username, password, superuser=superuser)
+        _, generated = accounts.create_user(s, username, password, superuser=superuser,
+                                                  actor=_actor())
         if owner_name:
-            accounts.grant(s, username, owner_name, role)
+            accounts.grant(s, username, owner_name, role, actor=_actor())
     what = "superuser" if superuser else "user"
     where = f", {role} of {owner_name}" if owner_name else ""
     click.echo(f"created {what} {username}{where}")
@@ -125,7 +126,7 @@ def user_passwd(username: str, password_stdin: bool, settings: Settings) -> None
 
     password = _read_password(password_stdin)
     with open_vault(settings, check_keys=False) as vault, vault.session() as s:
-        generated = accounts.set_password(s, username, password)
+        generated = accounts.set_password(s, username, password, actor=_actor())
     click.echo(f"password of {username} changed; its sessions are signed out")
     if generated:
         click.echo(f"one-time password (asked to change it at first sign-in): {generated}")
@@ -141,7 +142,7 @@ def user_grant(username: str, owner_name: str, role: str, settings: Settings) ->
     from vault import accounts
 
     with open_vault(settings, check_keys=False) as vault, vault.session() as s:
-        accounts.grant(s, username, owner_name, role)
+        accounts.grant(s, username, owner_name, role, actor=_actor())
     click.echo(f"{username} is {role} of {owner_name}")
 
 
@@ -154,7 +155,7 @@ def user_revoke(username: str, owner_name: str, settings: Settings) -> None:
     from vault import accounts
 
     with open_vault(settings, check_keys=False) as vault, vault.session() as s:
-        accounts.revoke(s, username, owner_name)
+        accounts.revoke(s, username, owner_name, actor=_actor())
     click.echo(f"{username} is no longer a member of {owner_name}")
 
 
@@ -166,7 +167,7 @@ def user_delete(username: str, settings: Settings) -> None:
     from vault import accounts
 
     with open_vault(settings, check_keys=False) as vault, vault.session() as s:
-        accounts.delete_user(s, username)
+        accounts.delete_user(s, username, actor=_actor())
     click.echo(f"deleted user {username}")
 
 

@@ -55,7 +55,8 @@ def first_start(app: Flask, echo: Callable[[str], None]) -> None:
     vault = app.extensions["idvault"].vault
     with vault.session() as s:
         if accounts.count_users(s) == 0:
-            _, password = accounts.create_user(s, "admin", superuser=True)
+            _, password = accounts.create_user(s, "admin", superuser=True,
+                                                 actor="serve:first-start")
             echo("first start: created the superuser 'admin' (admin of every owner) with "
                  "this one-time password:")
             echo(f"    {password}")

@@ -291,8 +291,11 @@ def test_another_owners_key_sees_nothing(web, seeded):
             for secret in ("smiths/", "ana", "cleo", "maria", "victim", seeded["face"],
                            seeded["job"], seeded["scene"]):
                 if secret in e.path or (e.body == "json:pair" and secret in "smiths/ana") or (
-                        e.body == "json:generate" and secret in "@smiths/ana by a lake"):
-                    continue  # the caller's own words echoed back
+                        e.body == "json:generate" and secret in "@smiths/ana by a lake") or (
+                        secret == "maria" and e.path == "/v1/audit"):
+                    # The caller's own words echoed back, or its own act: the PUT above
+                    # made maria a member of northlight, which its audit log records.
+                    continue
                 assert secret not in text, (str(e), secret, text[:500])
     assert snapshot(web) == before, "another owner's key changed something of smiths"
     # Not-same pairs name handles in the body: the same answer as for missing ones.

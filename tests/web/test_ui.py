@@ -74,8 +74,8 @@ def test_sign_in_out_and_throttle(web):
 
 def test_one_time_password_must_be_changed(web):
     with web.vault.session() as s:
-        _, generated = accounts.create_user(s, "newbie", superuser=False)
-        accounts.grant(s, "newbie", "smiths", "viewer")
+        _, generated = accounts.create_user(s, "newbie", superuser=False, actor="test")
+        accounts.grant(s, "newbie", "smiths", "viewer", actor="test")
     c = web.app.test_client()
     token = csrf(c.get("/login").get_data(as_text=True))
     resp = c.post("/login", data={"username": "newbie", "password": generated,

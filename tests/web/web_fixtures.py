@@ -89,9 +89,9 @@ class Web:
             try:
                 accounts.get_user(s, username)
             except Exception:
-                accounts.create_user(s, username, PASSWORD, superuser=superuser)
+                accounts.create_user(s, username, PASSWORD, superuser=superuser, actor="test")
             if owner:
-                accounts.grant(s, username, owner, role)
+                accounts.grant(s, username, owner, role, actor="test")
         return username
 
     def login(self, username: str, password: str = PASSWORD):

@@ -45,7 +45,7 @@ def put_member(username: str):
     p = require("admin")
     doc = json_body(required=("role",))
     with state().vault.session() as s:
-        accounts.grant(s, username, p.owner, doc["role"])
+        accounts.grant(s, username, p.owner, doc["role"], actor=p.actor)
         member = next(m for m in accounts.members_of(s, p.owner) if m["username"] == username)
     return jsonify(member)
 
@@ -57,7 +57,7 @@ def delete_member(username: str):
     p = require("admin")
     with state().vault.session() as s:
         try:
-            accounts.revoke(s, username, p.owner)
+            accounts.revoke(s, username, p.owner, actor=p.actor)
         except NotFound:
             raise NotFound(f"{username} is not a member of {p.owner}") from None
     return "", 204

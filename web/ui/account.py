@@ -71,7 +71,7 @@ def password():
         if problems:
             return page("account.html", 400,
                         error="the new password must be " + "; ".join(problems))
-        accounts.set_password(s, p.username, new)  # ends every session of the user
+        accounts.set_password(s, p.username, new, actor=p.actor)  # ends every session of the user
     sign_in(p.username, new)
     notice("Password changed. Other sessions of this account were signed out.")
     return redirect(url_for("ui.roster.roster"))

@@ -59,9 +59,9 @@ def members():
         try:
             with state().vault.session() as s:
                 if role == "remove":
-                    accounts.revoke(s, username, p.owner)
+                    accounts.revoke(s, username, p.owner, actor=p.actor)
                 else:
-                    accounts.grant(s, username, p.owner, role)
+                    accounts.grant(s, username, p.owner, role, actor=p.actor)
         except VaultError as exc:
             error = str(exc)
         else:
