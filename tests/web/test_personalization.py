@@ -192,3 +192,41 @@ def test_cancel_and_erasure_drop_the_staged_photos(gen_web):
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert stages(web) == [] and not (staged_root(web) / uid).exists()
     assert web.state.jobs.run_pending() == 0  # the erased identity's job went with it
+
+
+def test_the_identity_page_queues_a_fit(gen_web):
+    web = gen_web
+    enroll(web, "hal", 8)
+    enroll(web, "ivy", 9, purposes=["enroll", "generate"])
+    web.user("edith", "smiths", "editor")
+    web.user("vic", "smiths", "viewer")
+    editor = web.login("edith")
+    page = editor.get("/identities/smiths/hal").get_data(as_text=True)
+    assert "Personalise" in page and '<option value="sdxl-tiny">' in page
+    # No form where consent does not grant personalize, nor for a viewer.
+    assert "Queue the fit" not in editor.get("/identities/smiths/ivy").get_data(as_text=True)
+    viewer = web.login("vic")
+    assert "Queue the fit" not in viewer.get("/identities/smiths/hal").get_data(as_text=True)
+
+    def form(person: int, csrf: str | None) -> dict:
+        data = {"kind": "lidb", "steps": "2", "base_model": "sdxl-tiny",
+                "photos": [(io.BytesIO(photo_bytes(person, 0)), f"{person}.jpg")]}
+        return {**data, "csrf_token": csrf} if csrf else data
+
+    def post(client, name: str, person: int, csrf: str | None, **kw):
+        return client.post(f"/identities/smiths/{name}/personalize", data=form(person, csrf),
+                           content_type="multipart/form-data", **kw)
+
+    assert post(viewer, "hal", 8, viewer.csrf).status_code == 403
+    assert post(editor, "hal", 8, None).status_code == 403  # no CSRF token
+    assert jobs(web) == [] and stages(web) == []
+    resp = post(editor, "hal", 8, editor.csrf, follow_redirects=True)
+    assert resp.status_code == 200
+    assert "Queued a lidb fit for smiths/hal" in resp.get_data(as_text=True)
+    [job] = jobs(web)
+    assert job["kind"] == "lidb" and job["params"]["staged"]["names"] == ["8.jpg"]
+    assert len(stages(web)) == 1
+    # A refusal is shown on the page; nothing more is queued or staged.
+    text = post(editor, "ivy", 9, editor.csrf, follow_redirects=True).get_data(as_text=True)
+    assert "Not queued" in text and "personalize" in text
+    assert len(jobs(web)) == 1 and len(stages(web)) == 1

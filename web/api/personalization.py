@@ -84,6 +84,47 @@ def _check_photos(photos: list[bytes], names: list[str]) -> None:
                             f"{next(iter(reasons.values()))}", photos=results)
 
 
+def parse_form() -> tuple[str, dict]:
+    """The job kind and params (without the photos) from the request's form fields."""
+    kind = request.form.get("kind")
+    if kind not in personalize.JOB_KINDS:
+        raise InvalidInput(f"'kind' must be one of {', '.join(personalize.JOB_KINDS)}")
+    params: dict = {"base_model": _base_model(request.form.get("base_model")),
+                    "seed": _int_field("seed", 0, 2**31 - 1) or 0}
+    steps = _int_field("steps", 1, MAX_STEPS)
+    if steps is not None:
+        params["steps"] = steps
+    mode = request.form.get("mode")
+    if mode:
+        if kind != "lidb" or mode not in personalize.LIDB_MODES:
+            raise InvalidInput(f"'mode' is for lidb only: one of "
+                               f"{', '.join(personalize.LIDB_MODES)}")
+        params["mode"] = mode
+    return kind, params
+
+
+def queue_fit(p, handle: str, kind: str, params: dict, photos: list[bytes],
+              names: list[str]) -> dict:
+    """Check consent and photos, stage the photos, queue the job; the job (a dict).
+
+    Shared by the API and the identity page; on any failure nothing stays
+    staged and nothing is queued.
+    """
+    st = state()
+    with st.vault.session(read_only=True) as s:
+        check_use(identities.get_identity(s, handle).consent, "personalize")
+    _check_photos(photos, names)
+    staged = staged_photos.stage(st.vault, handle, photos, names=names, actor=p.actor)
+    try:
+        return st.jobs.submit(p.owner, kind, {**params, "staged": staged.to_json()},
+                              identity=handle, actor=p.actor)
+    except BaseException:
+        with st.vault.session(read_only=True) as s:
+            uid = identities.get_identity(s, handle).uid
+        staged_photos.discard(st.vault, uid, staged.id)
+        raise
+
+
 @bp.op("/identities/<owner>/<name>/personalize", "POST",
        summary="Fit a Celeb Basis or LiDB artifact for an identity from photos (a job)",
        scope="generate", path_params=HANDLE_PARAMS,
@@ -117,32 +158,6 @@ def submit_personalization(owner: str, name: str):
     p = require("generate")
     handle = handle_in_owner(p, owner, name)
     multipart(FORM, {"photos"})
-    kind = request.form.get("kind")
-    if kind not in personalize.JOB_KINDS:
-        raise InvalidInput(f"'kind' must be one of {', '.join(personalize.JOB_KINDS)}")
-    params: dict = {"base_model": _base_model(request.form.get("base_model")),
-                    "seed": _int_field("seed", 0, 2**31 - 1) or 0}
-    steps = _int_field("steps", 1, MAX_STEPS)
-    if steps is not None:
-        params["steps"] = steps
-    mode = request.form.get("mode")
-    if mode:
-        if kind != "lidb" or mode not in personalize.LIDB_MODES:
-            raise InvalidInput(f"'mode' is for lidb only: one of "
-                               f"{', '.join(personalize.LIDB_MODES)}")
-        params["mode"] = mode
-    st = state()
-    with st.vault.session(read_only=True) as s:
-        check_use(identities.get_identity(s, handle).consent, "personalize")
+    kind, params = parse_form()
     photos, names = read_photos()
-    _check_photos(photos, names)
-    staged = staged_photos.stage(st.vault, handle, photos, names=names, actor=p.actor)
-    params["staged"] = staged.to_json()
-    try:
-        job = st.jobs.submit(p.owner, kind, params, identity=handle, actor=p.actor)
-    except BaseException:
-        with st.vault.session(read_only=True) as s:
-            uid = identities.get_identity(s, handle).uid
-        staged_photos.discard(st.vault, uid, staged.id)
-        raise
-    return jsonify(job), 202
+    return jsonify(queue_fit(p, handle, kind, params, photos, names)), 202

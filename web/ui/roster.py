@@ -31,6 +31,7 @@ from web.api.enrollment import (
     safe_names,
 )
 from web.api.identities import parse_consent
+from web.api.personalization import base_models, parse_form, queue_fit
 from web.auth import handle_in_owner, ui_login_required
 from web.ui.common import me, notice, page, state
 
@@ -150,7 +151,34 @@ def identity(owner: str, name: str):
                    "actor": e.actor, "details": e.details}
                   for e in audit.events(s, owner=p.owner, subject=handle, limit=50)]
     reviews = [r for r in state().vault.list_reviews(p.owner) if r["handle"] == handle]
-    return page("identity.html", person=doc, events=events, reviews=reviews)
+    return page("identity.html", person=doc, events=events, reviews=reviews,
+                base_models=base_models(state().config.models_dir))
+
+
+@bp.route("/identities/<owner>/<name>/personalize", methods=["POST"])
+@ui_login_required("generate")
+def personalize(owner: str, name: str):
+    p = me()
+    handle = handle_in_owner(p, owner, name)
+    state().vault.describe(handle)
+    files = [f for f in request.files.getlist("photos") if f.filename]
+    try:
+        if not files:
+            raise InvalidInput("choose one or more face photos")
+        if len(files) > state().config.max_photos:
+            raise InvalidInput(f"at most {state().config.max_photos} photos")
+        kind, params = parse_form()
+        job = queue_fit(p, handle, kind, params, [f.read() for f in files],
+                        safe_names([f.filename for f in files]))
+    except PhotoRejected as exc:
+        reasons = [ph["reason"] for ph in exc.details.get("photos", []) if ph.get("reason")]
+        notice("Not queued: " + ("; ".join(reasons) or str(exc)), "error")
+    except VaultError as exc:
+        notice(f"Not queued: {exc}", "error")
+    else:
+        notice(f"Queued a {kind} fit for {handle} (job {job['id'][:8]}); its progress is on "
+               "the Jobs page. The photos are kept sealed until the job ends.")
+    return redirect(url_for("ui.roster.identity", owner=owner, name=name))
 
 
 @bp.route("/identities/<owner>/<name>/photos", methods=["POST"])
