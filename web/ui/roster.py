@@ -155,26 +155,34 @@ def identity(owner: str, name: str):
                 base_models=base_models(state().config.models_dir))
 
 
+def _chosen_photos(what: str) -> tuple[list[bytes], list[str]]:
+    """The photos chosen in the form's file field, with display names."""
+    files = [f for f in request.files.getlist("photos") if f.filename]
+    limit = state().config.max_photos
+    if not files or len(files) > limit:
+        raise InvalidInput(f"choose 1 to {limit} {what}")
+    return [f.read() for f in files], safe_names([f.filename for f in files])
+
+
+def _refused(prefix: str, exc: VaultError) -> None:
+    """A refusal as a notice; a photo rejection lists each photo's reason."""
+    reasons = [ph["reason"] for ph in exc.details.get("photos", []) if ph.get("reason")] \
+        if isinstance(exc, PhotoRejected) else []
+    notice(f"{prefix}: " + ("; ".join(reasons) or str(exc)), "error")
+
+
 @bp.route("/identities/<owner>/<name>/personalize", methods=["POST"])
 @ui_login_required("generate")
 def personalize(owner: str, name: str):
     p = me()
     handle = handle_in_owner(p, owner, name)
     state().vault.describe(handle)
-    files = [f for f in request.files.getlist("photos") if f.filename]
     try:
-        if not files:
-            raise InvalidInput("choose one or more face photos")
-        if len(files) > state().config.max_photos:
-            raise InvalidInput(f"at most {state().config.max_photos} photos")
+        photos, names = _chosen_photos("face photos")
         kind, params = parse_form()
-        job = queue_fit(p, handle, kind, params, [f.read() for f in files],
-                        safe_names([f.filename for f in files]))
-    except PhotoRejected as exc:
-        reasons = [ph["reason"] for ph in exc.details.get("photos", []) if ph.get("reason")]
-        notice("Not queued: " + ("; ".join(reasons) or str(exc)), "error")
+        job = queue_fit(p, handle, kind, params, photos, names)
     except VaultError as exc:
-        notice(f"Not queued: {exc}", "error")
+        _refused("Not queued", exc)
     else:
         notice(f"Queued a {kind} fit for {handle} (job {job['id'][:8]}); its progress is on "
                "the Jobs page. The photos are kept sealed until the job ends.")
@@ -187,17 +195,10 @@ def add_photos(owner: str, name: str):
     p = me()
     handle = handle_in_owner(p, owner, name)
     state().vault.describe(handle)
-    files = [f for f in request.files.getlist("photos") if f.filename]
     try:
-        if not files:
-            raise InvalidInput("choose one or more photos")
-        report = enroll_photos(p, handle, [f.read() for f in files],
-                               safe_names([f.filename for f in files]))
-    except PhotoRejected as exc:
-        reasons = [ph["reason"] for ph in exc.details.get("photos", []) if ph.get("reason")]
-        notice("Photos not added: " + ("; ".join(reasons) or str(exc)), "error")
+        report = enroll_photos(p, handle, *_chosen_photos("photos"))
     except VaultError as exc:
-        notice(f"Photos not added: {exc}", "error")
+        _refused("Photos not added", exc)
     else:
         notice(f"Added {len(report.photos)} photo(s) to {handle}.")
     return redirect(url_for("ui.roster.identity", owner=owner, name=name))
