@@ -545,13 +545,12 @@ class _SealedCheckpoints:
 
 
 def _prepare(ctx):
-    """Consent (``personalize``), photos and the frozen base model of a job."""
+    """Consent (``personalize``; not held for review), photos and the base model of a job."""
     from vault import identities
-    from vault.consent import check_use
     from vault.errors import InvalidInput
 
-    with ctx.vault.session() as s:
-        check_use(identities.get_identity(s, ctx.identity).consent, "personalize")
+    with ctx.vault.session(read_only=True) as s:
+        identities.check_usable(identities.get_identity(s, ctx.identity), "personalize")
     p = ctx.params
     if "staged" in p:
         from vault import staged_photos

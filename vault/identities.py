@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from vault import audit, consent
 from vault.consent import ConsentRequest
-from vault.errors import AlreadyExists, InvalidInput, NotFound
+from vault.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 from vault.handles import Handle, validate_name
 from vault.models import ERASE_POLICIES, OWNER_KINDS, Artifact, Identity, NotSamePair, Owner
 
@@ -56,6 +56,15 @@ def get_identity(session: Session, handle: Handle | str, *, lock: bool = False) 
     if identity is None:
         raise NotFound(f"no identity {h}")
     return identity
+
+
+def check_usable(identity: Identity, purpose: str) -> None:
+    """Raise unless ``identity`` may be used for ``purpose`` now: not held for review
+    (Conflict), and consent granting it (the ConsentError subclasses)."""
+    if identity.status == "held":
+        raise Conflict(f"{identity.handle} is held for review and cannot be used until the "
+                       "review is decided (`idvault review list`)")
+    consent.check_use(identity.consent, purpose)
 
 
 def create_identity(session: Session, handle: Handle | str, request: ConsentRequest, *,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import consent_doc
-from tests.web.web_fixtures import photo_bytes
+from tests.web.web_fixtures import TWIN_OF_3, photo_bytes
 from vault import identities
 
 
@@ -35,10 +35,10 @@ def one_torch_thread():
 PURPOSES = ["enroll", "generate", "personalize", "share"]
 
 
-def enroll(web, name: str, person: int, purposes=PURPOSES) -> str:
+def enroll(web, name: str, person: int, purposes=PURPOSES, kin=None) -> str:
     resp = web.client.post(
         f"/v1/identities/smiths/{name}/enroll", headers=web.headers(),
-        data={"photos": [(io.BytesIO(photo_bytes(person, i)), f"{name}-{i}.jpg")
+        data={"photos": [(io.BytesIO(photo_bytes(person, i, kin=kin)), f"{name}-{i}.jpg")
                          for i in (0, 1)],
               "consent": json.dumps(consent_doc(purposes=purposes))},
         content_type="multipart/form-data")
@@ -121,12 +121,16 @@ def test_celeb_basis_over_the_api(gen_web):
 def test_refusals_stage_and_queue_nothing(gen_web):
     web = gen_web
     enroll(web, "cy", 3, purposes=["enroll", "generate"])
-    enroll(web, "di", 4)
+    enroll(web, "di", 5)
     # Consent without 'personalize': refused before the photos are kept.
     resp = personalize(web, "cy", "lidb")
     assert resp.status_code == 403 and "personalize" in resp.get_json()["error"]["message"]
+    # Held for review (resembles cy): refused until the review is decided.
+    enroll(web, "cyd", 4, kin=TWIN_OF_3)
+    resp = personalize(web, "cyd", "lidb")
+    assert resp.status_code == 409 and "held for review" in resp.get_json()["error"]["message"]
     # A file that is not an image: one result per photo, named.
-    resp = personalize(web, "di", "lidb", photos=[(photo_bytes(4, 0), "good.jpg"),
+    resp = personalize(web, "di", "lidb", photos=[(photo_bytes(5, 0), "good.jpg"),
                                                   (b"%PDF-1.4 not a photo", "cv.pdf")])
     assert resp.status_code == 422, resp.get_data(as_text=True)
     results = resp.get_json()["error"]["details"]["photos"]

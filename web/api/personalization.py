@@ -23,7 +23,6 @@ from flask import jsonify, request
 import encoders.personalize as personalize
 from encoders.photo import load_photo
 from vault import identities, staged_photos
-from vault.consent import check_use
 from vault.errors import InvalidInput, PhotoRejected
 from web.api import HANDLE_PARAMS, ApiBlueprint, json_response, ref, state
 from web.api.enrollment import PHOTOS_SCHEMA, multipart, read_photos
@@ -105,14 +104,15 @@ def parse_form() -> tuple[str, dict]:
 
 def queue_fit(p, handle: str, kind: str, params: dict, photos: list[bytes],
               names: list[str]) -> dict:
-    """Check consent and photos, stage the photos, queue the job; the job (a dict).
+    """Check the identity (consent, not held) and the photos, stage the photos, queue the
+    job; the job (a dict).
 
     Shared by the API and the identity page; on any failure nothing stays
     staged and nothing is queued.
     """
     st = state()
     with st.vault.session(read_only=True) as s:
-        check_use(identities.get_identity(s, handle).consent, "personalize")
+        identities.check_usable(identities.get_identity(s, handle), "personalize")
     _check_photos(photos, names)
     staged = staged_photos.stage(st.vault, handle, photos, names=names, actor=p.actor)
     try:
@@ -152,6 +152,7 @@ def queue_fit(p, handle: str, kind: str, params: dict, photos: list[bytes],
            "202": json_response("queued", ref("Job")),
            "403": json_response("the identity's consent does not grant personalize",
                                 ref("Error")),
+           "409": json_response("the identity is held for review", ref("Error")),
            "422": json_response("photos rejected (details.photos: one result per photo)",
                                 ref("Error"))})
 def submit_personalization(owner: str, name: str):
