@@ -24,6 +24,15 @@ What it measures
       paired, so slow drift of a shared machine cancels -- for ``total`` and
       ``unet``. Goal: <= 1.05 with one identity and <= 1.15 with four.
 
+    Also printed: ours' median ``timings`` per step (``GenerationResult.timings``).
+
+    Between calls the pipeline keeps the merged LoRA weights and recent prompt
+    encodings (``ComposeConfig.lora_cache`` / ``prompt_cache``). By default
+    every call of a variant uses the same prompt, as when an image is made
+    again with another seed, so the encoding is reused; ``--fresh-prompts``
+    gives every call (ours and plain alike) a prompt never seen before, so
+    nothing about the prompt is reused and both encode it in full.
+
     Variants run interleaved, in a new random order every round, after one
     warm-up each. The model is the tiny SDXL stand-in (``sdxl-tiny``: SDXL's
     block structure and 2048-wide text conditioning, tiny UNet widths) on the
@@ -34,6 +43,7 @@ What it measures
 How to run
     .venv/bin/python bench/bench_generate.py                 # ~1-2 min on 2 busy cores
     .venv/bin/python bench/bench_generate.py --rounds 11 --steps 20 --size 128x128
+    .venv/bin/python bench/bench_generate.py --rounds 15 --fresh-prompts   # no prompt reused
 
     The full-size SDXL architecture at 1024x1024 on a GPU (random weights,
     peak GPU memory) is not implemented here: no GPU machine was available
@@ -43,6 +53,7 @@ How to run
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import random
@@ -121,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--fresh-prompts", action="store_true",
+                        help="a prompt never used before for every call (no encoding reused)")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
 
@@ -128,14 +141,23 @@ def main(argv: list[str] | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     print(f"python {platform.python_version()}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, device cpu, float32; "
-          f"{args.steps} steps, {width}x{height}, guidance 5.0, {args.rounds} rounds")
+          f"{args.steps} steps, {width}x{height}, guidance 5.0, {args.rounds} rounds, "
+          f"{'a fresh prompt per call' if args.fresh_prompts else 'one prompt per variant'}")
     t0 = time.perf_counter()
     vault, compose, plain = _setup(root, 4)
     print(f"setup (stand-ins, vault, 4 identities, load) {time.perf_counter() - t0:.1f} s")
     timer = UNetTimer(compose.pipe.unet)
 
+    calls = itertools.count()
+
+    def setting() -> str:
+        # A call number in the text changes the tokens (and so the encoding) of ours and plain
+        # alike.
+        return f" on a beach, watercolor, take {next(calls)}" if args.fresh_prompts else \
+            " on a beach, watercolor"
+
     def scene(n: int) -> str:
-        return " and ".join(CLASS_WORDS[:n]) + " on a beach, watercolor"
+        return " and ".join(CLASS_WORDS[:n]) + setting()
 
     variants: dict[str, tuple[int, str | None]] = {
         "plain diffusers": (0, None),
@@ -144,22 +166,33 @@ def main(argv: list[str] | None = None) -> None:
         "storymaker x1": (1, "storymaker"), "storymaker x2": (2, "storymaker"),
     }
 
+    steps_ms: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
+
     def run(name: str) -> tuple[float, float]:
         n, method = variants[name]
+        if method is None:
+            # The scene text of the largest variant: every prompt is 77 tokens anyway.
+            text = scene(4)
+        else:
+            text = " and ".join(f"@bench/p{i + 1}:{CLASS_WORDS[i]}" for i in range(n)) + setting()
         timer.seconds = 0.0
         start = time.perf_counter()
         if method is None:
-            # The scene text of the largest variant: every prompt is 77 tokens anyway.
-            plain(scene(4), num_inference_steps=args.steps, height=height, width=width,
+            plain(text, num_inference_steps=args.steps, height=height, width=width,
                   guidance_scale=5.0, generator=torch.Generator().manual_seed(args.seed))
         else:
-            prompt = " and ".join(f"@bench/p{i + 1}:{CLASS_WORDS[i]}" for i in range(n))
-            compose(prompt + " on a beach, watercolor", seed=args.seed, steps=args.steps,
-                    size=(width, height), method=method, actor="bench")
-        return time.perf_counter() - start, timer.seconds
+            result = compose(text, seed=args.seed, steps=args.steps, size=(width, height),
+                             method=method, actor="bench")
+        elapsed = time.perf_counter() - start, timer.seconds
+        if method is not None:
+            for step, seconds in result.timings.items():
+                steps_ms[name].setdefault(step, []).append(seconds * 1000)
+        return elapsed
 
     for name in variants:  # warm-up: loads the methods' weights, first-call costs
         run(name)
+    for per_step in steps_ms.values():
+        per_step.clear()
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     order = list(variants)
     shuffler = random.Random(args.seed)
@@ -179,6 +212,11 @@ def main(argv: list[str] | None = None) -> None:
         paired_unet = statistics.median(u / b for (_, u), (_, b) in zip(rows, base, strict=True))
         print(f"{name:<17} {total:>8.3f} {unet:>8.3f} {paired_total:>12.3f} "
               f"{paired_unet:>11.3f}")
+    names = [n for n in variants if steps_ms[n]]
+    print(f"\nours, median ms per step: {'step':<16}" + "".join(f"{n:>15}" for n in names))
+    for step in next(iter(steps_ms[n] for n in names)):
+        print(f"{'':<26}{step:<16}" + "".join(
+            f"{statistics.median(steps_ms[n][step]):>15.1f}" for n in names))
     load = os.getloadavg()
     print(f"\nload average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end (the CPU may be "
           "shared: compare ratios, not absolute times)")

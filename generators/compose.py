@@ -32,7 +32,8 @@ One call runs numbered steps, each timed (``GenerationResult.timings``):
    of both text encoders concatenated (768 + 1280 = 2048), pooled embedding
    of text encoder 2 (text only); the text-only prompt when PhotoMaker needs
    it; the negative prompt (zeros when none, SDXL's
-   ``force_zeros_for_empty_prompt``). One batched pass per encoder; Celeb Basis
+   ``force_zeros_for_empty_prompt``). One batched pass per encoder (none when
+   a recent call encoded the same token ids: :class:`_Encodings`); Celeb Basis
    identities' token embeddings go in at their class-token copies (input side,
    :meth:`ComposePipeline._inject`), LiDB's text-encoder deltas act while encoding
    when its identity is alone in a full-frame box.
@@ -134,6 +135,11 @@ class ComposeConfig:
     # its region too, so "girl" and "man" do not spread over both people.
     regional_class_words: bool = True
     fuse_lora: bool = True  # merge LoRAs into weights per call (exactly restored) vs hooks
+    # Keep the merged LoRA weights between calls (generators.lora.MergeCache): one extra copy
+    # of the touched attention weights held while idle, no merge per call.
+    lora_cache: bool = True
+    # Prompt encodings kept for reuse (whole batches of token ids, <= 2 MB each; 0: off).
+    prompt_cache: int = 16
     preference: tuple[str, ...] = DEFAULT_PREFERENCE  # --method auto: first that works
     photomaker: PhotoMakerSettings = field(default_factory=PhotoMakerSettings)
     storymaker: StoryMakerSettings = field(default_factory=StoryMakerSettings)
@@ -141,6 +147,8 @@ class ComposeConfig:
     def __post_init__(self) -> None:
         if not self.guidance_scale >= 0:
             raise InvalidInput(f"guidance scale must be >= 0, got {self.guidance_scale!r}")
+        if self.prompt_cache < 0:
+            raise InvalidInput(f"prompt_cache must be >= 0, got {self.prompt_cache!r}")
         RegionalConfig(self.text_mask, self.image_mask, MaskConfig(self.feather))
 
 
@@ -334,6 +342,76 @@ class _Clock:
             self.timings[step] = self.timings.get(step, 0.0) + time.perf_counter() - t0
 
 
+def _tensor_stamp(t: torch.Tensor) -> tuple:
+    # Object, version counter (in-place writes), storage, dtype, device and shape.
+    return (id(t), t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+
+
+# transformers installs hooks on its layers that only record outputs (output_hidden_states).
+_RECORDING_HOOKS = "transformers.utils.output_capturing"
+
+
+def _foreign_hooks(module: torch.nn.Module) -> bool:
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return any(getattr(h, "__module__", None) != _RECORDING_HOOKS for h in hooks)
+
+
+def _encoder_state(encoders: Sequence[torch.nn.Module]) -> tuple | None:
+    """A fingerprint of the text encoders' weights, or None when an encoding must not be
+    reused: a forward hook anywhere (LiDB's text-encoder deltas, Celeb Basis' injection, a
+    caller's; transformers' own output recorders aside), a peft layer (its scale is not a
+    tensor), training mode (dropout)."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return None
+    state: list = []
+    for encoder in encoders:
+        if encoder.training:
+            return None
+        for m in encoder.modules():
+            if _foreign_hooks(m) or type(m).__module__.startswith("peft"):
+                return None
+        state.append(id(encoder))
+        state.extend(_tensor_stamp(t) for t in encoder.parameters())
+        state.extend(_tensor_stamp(t) for t in encoder.buffers())
+    return tuple(state)
+
+
+class _Encodings:
+    """Recent prompt encodings, reused while the text encoders are unchanged.
+
+    Why: the same prompt is often generated again with another seed, and encoding it
+    (both text encoders, one row per prompt; PhotoMaker adds a text-only row) is the
+    largest fixed cost of a call. The key is the whole batch of token ids -- a batch of
+    other rows may round differently -- and a hit is returned as a copy, so it equals
+    the encoding it replaces bit for bit. The key also holds the call's ``owner``: a
+    faster call must not tell one owner that another made the same prompt recently. Every lookup compares the encoders'
+    fingerprint (:func:`_encoder_state`); with hooks or peft layers present nothing is
+    read or stored. Only scene text is encoded here (class words in place of handles):
+    identity data is fused in afterwards or injected on a pass that bypasses this.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: dict[tuple, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, key: tuple, state: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+        hit = self._entries.pop(key, None)
+        if hit is None or hit[0] != state:
+            return None
+        self._entries[key] = hit  # most recent last
+        return hit[1].clone(), hit[2].clone()
+
+    def put(self, key: tuple, state: tuple, embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+        self._entries[key] = (state, embeds.clone(), pooled.clone())
+        while len(self._entries) > self.size:
+            del self._entries[next(iter(self._entries))]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 @dataclass
 class _Phase:
     """One conditioning of the denoising loop (PhotoMaker: text-only, then fused)."""
@@ -347,7 +425,11 @@ class ComposePipeline:
     """Composes one image of several identities (see the module docstring).
 
     Reusable: methods keep their loaded weights, regional attention and LoRAs
-    are installed per call and removed after it.
+    are installed per call and removed after it. Between calls it keeps the
+    merged LoRA weights (``ComposeConfig.lora_cache``) and recent prompt
+    encodings (``prompt_cache``), each reused only while what it was made
+    from is unchanged; nothing decrypted is kept, so consent is checked and
+    every artifact read audited on every call.
     """
 
     def __init__(self, pipe, *, vault, models_dir: Path | str | None = None,
@@ -366,6 +448,10 @@ class ComposePipeline:
         for m in self.methods.values():
             m.bind(pipe=pipe, vault=vault, base_model_id=base_model_id)
         self._regional: dict[bool, RegionalAttention] = {}
+        from generators.lora import MergeCache
+
+        self._merged = MergeCache() if config.fuse_lora and config.lora_cache else None
+        self._encodings = _Encodings(config.prompt_cache) if config.prompt_cache else None
         self._projections: int | None = None  # id() of the image projections loaded
         self._lock = threading.Lock()
         cross = getattr(unet.config, "cross_attention_dim", None)
@@ -388,6 +474,18 @@ class ComposePipeline:
             model_id = f"hf:{source}"
         return cls(pipe, vault=vault, models_dir=models_dir, config=config,
                    base_model_id=model_id)
+
+    def clear_caches(self) -> None:
+        """Drop the merged LoRA weights and prompt encodings kept between calls.
+
+        Only needed after editing the UNet's or text encoders' weights in a way
+        PyTorch does not track (writes through ``.data``); every other change is
+        noticed on the next call.
+        """
+        if self._merged is not None:
+            self._merged.clear()
+        if self._encodings is not None:
+            self._encodings.clear()
 
     # -- facts -----------------------------------------------------------------------------
     @property
@@ -478,14 +576,15 @@ class ComposePipeline:
             rows = [fused_tokens.ids] + ([text_tokens.ids] if text_tokens else [])
             if cfg and negative is not None:
                 rows.append(tokenize_prompt(tokenizers, negative, [], []).ids)
-            embeds, pooled = self._encode(rows)  # (rows, 77, 2048), (rows, P)
+            embeds, pooled = self._encode(rows, scope=owner)  # (rows, 77, 2048), (rows, P)
             embeds, pooled = self._inject(embeds, pooled, fused_tokens, parsed, fusing,
                                           method_of, by_index, scene)
             if cfg and negative is None and pipe.config.force_zeros_for_empty_prompt:
                 neg_embeds, neg_pooled = torch.zeros_like(embeds[:1]), torch.zeros_like(pooled[:1])
             elif cfg:
                 if negative is None:  # a base model without force_zeros: encode ""
-                    e, p = self._encode([tokenize_prompt(tokenizers, "", [], []).ids])
+                    e, p = self._encode([tokenize_prompt(tokenizers, "", [], []).ids],
+                                        scope=owner)
                     neg_embeds, neg_pooled = e, p
                 else:
                     neg_embeds, neg_pooled = embeds[-1:], pooled[-1:]
@@ -529,8 +628,8 @@ class ComposePipeline:
             if loras:
                 from generators.lora import AppliedLoras
 
-                stack.enter_context(AppliedLoras(pipe.unet, loras,
-                                                 fuse=self.config.fuse_lora))
+                stack.enter_context(AppliedLoras(pipe.unet, loras, fuse=self.config.fuse_lora,
+                                                 cache=self._merged))
             if regional is not None:
                 stack.enter_context(regional)  # install ... remove, also on error
             for name, members in groups.items():  # e.g. LiDB's regional deltas
@@ -730,17 +829,27 @@ class ComposePipeline:
         return embeds, pooled
 
     def _encode(self, rows: Sequence[tuple[tuple[int, ...], ...]],
-                inject: tuple[Sequence[Sequence[int]], Mapping[str, torch.Tensor]] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                inject: tuple[Sequence[Sequence[int]], Mapping[str, torch.Tensor]] | None = None,
+                *, scope: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of per-tokenizer ids -> (rows, 77, 2048) penultimate hidden states of both
         encoders side by side, and text encoder 2's pooled embedding (rows, P).
 
         ``inject``: (per mention its positions, {encoder key: (n, d)}) -- those positions'
         input embeddings replaced by the vectors, through a forward hook on each encoder's
-        token-embedding module for this pass only (no token or table is changed)."""
+        token-embedding module for this pass only (no token or table is changed).
+        ``scope``: the call's owner, part of the reuse key (:class:`_Encodings`)."""
         pipe = self.pipe
+        encoders = (pipe.text_encoder, pipe.text_encoder_2)
+        key = state = None
+        if inject is None and self._encodings is not None:
+            state = _encoder_state(encoders)
+            if state is not None:
+                key = (scope, tuple(rows))
+                hit = self._encodings.get(key, state)
+                if hit is not None:
+                    return hit
         hidden, pooled = [], None
-        for k, encoder in enumerate((pipe.text_encoder, pipe.text_encoder_2)):
+        for k, encoder in enumerate(encoders):
             ids = torch.tensor([row[k] for row in rows], device=encoder.device)  # (rows, 77)
             handle = None
             if inject is not None:
@@ -763,7 +872,10 @@ class ComposePipeline:
                 pooled = out[0]
             hidden.append(out.hidden_states[-2])  # (rows, 77, d_k): SDXL's penultimate layer
         embeds = torch.cat(hidden, dim=-1).to(self.device, pipe.text_encoder_2.dtype)
-        return embeds, pooled.to(self.device, pipe.text_encoder_2.dtype)
+        pooled = pooled.to(self.device, pipe.text_encoder_2.dtype)
+        if key is not None:
+            self._encodings.put(key, state, embeds, pooled)
+        return embeds, pooled
 
     def _image_tokens(self, groups) -> tuple[ImageTokens | None, RegionalAttention | None]:
         """The image-token method's tokens and the regional attention to install (or None)."""

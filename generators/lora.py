@@ -45,6 +45,16 @@ adds ``0.8 * up(down(x))`` inside its processors). Two ways, same result:
 * ``fuse=False``: a forward hook adds ``scale * up(down(x))`` to each touched
   linear's output (the official StoryMaker formulation). No extra weight
   memory; two small matmuls per linear per call.
+
+With ``fuse=True`` a :class:`MergeCache` may keep the merged tensors between
+calls: applying the same LoRA objects at the same scales to the same base
+weights gives the same tensors, so the next call swaps them in instead of
+merging again. An entry is used for a linear only while its base weight is
+the same ``Parameter`` with the same version counter, storage, dtype and
+device, and the LoRA tensors are unchanged likewise; anything else merges
+afresh. It holds one extra copy of the touched weights between calls (what
+a call holds while it runs anyway). Only the methods' checkpoint LoRAs
+(PhotoMaker, StoryMaker) come through here, never an identity's own data.
 """
 
 from __future__ import annotations
@@ -65,9 +75,11 @@ __all__ = [
     "LoraPlan",
     "LoraTarget",
     "LoraWeights",
+    "MergeCache",
     "attention_linears",
     "plan_photomaker_lora",
     "plan_storymaker_lora",
+    "submodule",
 ]
 
 PROJECTIONS = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
@@ -278,16 +290,18 @@ class AppliedLoras:
             ...  # every forward sees W + sum(scale * up @ down)
         # the UNet holds its original Parameter objects again
 
-    See the module docstring for ``fuse``. Re-entry is refused; the LoRAs'
-    tensors are moved to each linear's device and dtype.
+    See the module docstring for ``fuse`` and ``cache`` (a :class:`MergeCache`
+    to reuse merged weights from an earlier use). Re-entry is refused; the
+    LoRAs' tensors are moved to each linear's device and dtype.
     """
 
     def __init__(self, unet: nn.Module, loras: Sequence[tuple[LoraWeights, float]], *,
-                 fuse: bool = True) -> None:
+                 fuse: bool = True, cache: MergeCache | None = None) -> None:
         self.unet = unet
         self.loras = [(w, float(s)) for w, s in loras if float(s) != 0.0]
         self.fuse = fuse
-        self._saved: dict[str, nn.Parameter] | None = None
+        self.cache = cache if fuse else None
+        self._saved: dict[str, tuple[nn.Module, nn.Parameter]] | None = None
         self._hooks: list = []
 
     def _groups(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]:
@@ -301,20 +315,19 @@ class AppliedLoras:
         if self._saved is not None or self._hooks:
             raise InvalidInput("these LoRAs are already applied")
         self._saved = {}
+        entry = self.cache.entry(self.loras) if self.cache is not None else None
         try:
             for module_name, parts in self._groups().items():
-                linear = self.unet.get_submodule(module_name)
+                linear = submodule(self.unet, module_name)
                 w = linear.weight
                 if self.fuse:
-                    with torch.no_grad():
-                        merged = w.detach().to(torch.float32)  # (out, in); fp32 accumulation
-                        for down, up, scale in parts:
-                            # merged + scale * up @ down, one kernel, never in place: the
-                            # original tensor must survive untouched for the restore.
-                            merged = torch.addmm(merged, up.to(w.device, torch.float32),
-                                                 down.to(w.device, torch.float32), alpha=scale)
-                    self._saved[module_name] = w
-                    linear.weight = nn.Parameter(merged.to(w.dtype), requires_grad=False)
+                    merged = entry.get(module_name, w, parts) if entry is not None else None
+                    if merged is None:
+                        merged = nn.Parameter(_merge(w, parts), requires_grad=False)
+                        if entry is not None:
+                            entry.put(module_name, w, parts, merged)
+                    self._saved[module_name] = (linear, w)
+                    linear.weight = merged
                 else:
                     cast = [(d.to(w.device, w.dtype), u.to(w.device, w.dtype), s)
                             for d, u, s in parts]
@@ -326,11 +339,99 @@ class AppliedLoras:
 
     def __exit__(self, *exc: object) -> None:
         saved, self._saved = self._saved or {}, None
-        for module_name, original in saved.items():
-            self.unet.get_submodule(module_name).weight = original
+        for linear, original in saved.values():
+            linear.weight = original
         hooks, self._hooks = self._hooks, []
         for h in hooks:
             h.remove()
+
+
+def submodule(root: nn.Module, path: str) -> nn.Module:
+    """``root.get_submodule(path)`` through the module dictionaries: a generation resolves
+    ~140 paths of ~8 parts each, and the generic lookup's checks cost milliseconds there."""
+    module = root
+    for part in path.split("."):
+        child = module._modules.get(part)
+        if child is None:
+            return root.get_submodule(path)  # its error names the missing part
+        module = child
+    return module
+
+
+def _merge(w: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]]
+           ) -> torch.Tensor:
+    """``w + sum(scale * up @ down)`` as a new tensor in ``w``'s dtype."""
+    with torch.no_grad():
+        merged = w.detach().to(torch.float32)  # (out, in); fp32 accumulation
+        for down, up, scale in parts:
+            # merged + scale * up @ down, one kernel, never in place: the original tensor
+            # must survive untouched for the restore.
+            merged = torch.addmm(merged, up.to(w.device, torch.float32),
+                                 down.to(w.device, torch.float32), alpha=scale)
+    return merged.to(w.dtype)
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    # The version counter catches in-place writes through the tensor itself; storage,
+    # dtype, device and shape catch .to(), .data assignment and load_state_dict(assign=True).
+    return (t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+
+
+class _CacheEntry:
+    """Merged weights of one list of (LoRA, scale), per linear, with what they were made from."""
+
+    def __init__(self, loras: Sequence[tuple[LoraWeights, float]]) -> None:
+        self.loras = list(loras)  # strong references: the key holds their id()s
+        self.merged: dict[str, tuple[nn.Parameter, tuple, nn.Parameter]] = {}
+
+    @staticmethod
+    def _sources(w: torch.Tensor, parts) -> tuple:
+        return (_stamp(w),) + tuple((_stamp(d), _stamp(u), s) for d, u, s in parts)
+
+    def get(self, module: str, w: nn.Parameter, parts) -> nn.Parameter | None:
+        hit = self.merged.get(module)
+        if hit is None:
+            return None
+        base, sources, merged = hit
+        if base is not w or sources != self._sources(w, parts):
+            return None
+        return merged
+
+    def put(self, module: str, w: nn.Parameter, parts, merged: nn.Parameter) -> None:
+        self.merged[module] = (w, self._sources(w, parts), merged)
+
+
+class MergeCache:
+    """Merged LoRA weights kept between :class:`AppliedLoras` uses (see the module docstring).
+
+    Holds the ``entries`` most recently used LoRA lists (default 1: a pipeline
+    usually applies one method's LoRA call after call). :meth:`clear` drops
+    everything, e.g. after editing base weights through ``.data``, which
+    PyTorch does not count as a change.
+    """
+
+    def __init__(self, entries: int = 1) -> None:
+        if entries < 1:
+            raise InvalidInput("a merge cache keeps at least one entry")
+        self.entries = entries
+        self._entries: dict[tuple, _CacheEntry] = {}
+
+    def entry(self, loras: Sequence[tuple[LoraWeights, float]]) -> _CacheEntry:
+        key = tuple((id(w), float(s)) for w, s in loras)
+        found = self._entries.pop(key, None)
+        if found is None or any(a is not b for (a, _), (b, _) in zip(found.loras, loras,
+                                                                     strict=True)):
+            found = _CacheEntry(loras)
+        self._entries[key] = found  # most recent last
+        while len(self._entries) > self.entries:
+            del self._entries[next(iter(self._entries))]
+        return found
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def _runtime_hook(parts: list[tuple[torch.Tensor, torch.Tensor, float]]):

@@ -53,7 +53,9 @@ cached on the conditioning, not per layer and step.
 Install / remove. :class:`RegionalAttention` swaps processors only on
 cross-attention layers (self-attention keeps its processor), remembers the
 originals, and ``remove()`` puts back exactly those objects; the UNet and its
-pipeline are then as before. While installed and with no conditioning set,
+pipeline are then as before. Both go to the cross-attention modules directly
+(found once, checked to still be at their paths), not through the UNet-wide
+``attn_processors`` / ``set_attn_processor`` walks. While installed and with no conditioning set,
 every layer delegates to its original processor. LoRA (PhotoMaker's
 ``lora_weights``, StoryMaker's rank-128 LoRA) belongs on the attention's
 ``to_q``/``to_k``/``to_v``/``to_out`` linears through diffusers/peft, which
@@ -72,6 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from generators.layout import Layout, MaskConfig, grid_for_length
+from generators.lora import submodule
 from vault.errors import InvalidInput
 
 __all__ = [
@@ -403,6 +406,7 @@ class RegionalAttention:
         self._originals: dict | None = None
         self.order = list(unet.attn_processors)  # processor names, diffusers' fixed order
         self.processors: dict[str, RegionalAttnProcessor] = {}
+        self._layers: dict[str, nn.Module] = {}  # processor name -> its Attention module
         for name, proc in unet.attn_processors.items():
             attn = unet.get_submodule(name.removesuffix(".processor"))
             if not getattr(attn, "is_cross_attention", False):
@@ -416,6 +420,7 @@ class RegionalAttention:
                     p.to_v_ip.weight.copy_(attn.to_v.weight)
             p.to(device=attn.to_k.weight.device, dtype=attn.to_k.weight.dtype)
             self.processors[name] = p
+            self._layers[name] = attn
         if not self.processors:
             raise InvalidInput("this UNet has no cross-attention layers to make regional")
 
@@ -444,19 +449,30 @@ class RegionalAttention:
     def install(self) -> Self:
         if self._originals is not None:
             raise InvalidInput("regional attention is already installed on this UNet")
-        originals = dict(self.unet.attn_processors)
-        if list(originals) != self.order:
-            raise InvalidInput("the UNet's attention layers changed since RegionalAttention "
-                               "was created; create a new one")
+        # Only the cross-attention layers are touched, each through its own module: walking
+        # the whole UNet (unet.attn_processors, set_attn_processor) three times per call
+        # cost more than the rest of install and remove together.
+        originals = {}
+        for name, attn in self._layers.items():
+            try:
+                current = submodule(self.unet, name.removesuffix(".processor"))
+            except AttributeError:
+                current = None
+            if current is not attn:
+                raise InvalidInput("the UNet's attention layers changed since "
+                                   "RegionalAttention was created; create a new one")
+            originals[name] = attn.processor
         for name, p in self.processors.items():
             # The originals may have been swapped since construction (e.g. a LoRA
             # processor): delegate to what is there now.
             p._fallback[0] = originals[name]
-            w = self.unet.get_submodule(name.removesuffix(".processor")).to_k.weight
-            p.to(device=w.device, dtype=w.dtype)
+            if p.to_k_ip is not None:  # the only tensors a processor holds
+                w = self._layers[name].to_k.weight
+                if p.to_k_ip.weight.device != w.device or p.to_k_ip.weight.dtype != w.dtype:
+                    p.to(device=w.device, dtype=w.dtype)
         self._originals = originals
-        # set_attn_processor pops from the dict it is given: pass a fresh one.
-        self.unet.set_attn_processor({n: self.processors.get(n, originals[n]) for n in self.order})
+        for name, p in self.processors.items():
+            self._layers[name].set_processor(p)
         return self
 
     def remove(self) -> None:
@@ -464,7 +480,8 @@ class RegionalAttention:
         if self._originals is None:
             return
         originals, self._originals = self._originals, None
-        self.unet.set_attn_processor(dict(originals))
+        for name, original in originals.items():
+            self._layers[name].set_processor(original)
         self.state.conditioning = None
 
     def __enter__(self) -> Self:

@@ -321,6 +321,25 @@ def test_install_replaces_only_cross_attention_and_remove_restores_the_objects(u
     ra.remove()  # idempotent
 
 
+def test_install_refuses_a_unet_whose_cross_attention_was_replaced(unet) -> None:
+    import copy
+
+    ra = RegionalAttention(unet)
+    path = next(iter(ra.processors)).removesuffix(".processor")
+    parent_path, _, last = path.rpartition(".")
+    parent = unet.get_submodule(parent_path)
+    original = getattr(parent, last)
+    setattr(parent, last, copy.deepcopy(original))  # e.g. a wrapper swapped in by a tool
+    try:
+        with pytest.raises(InvalidInput, match="changed since RegionalAttention was created"):
+            ra.install()
+        assert not ra.installed
+    finally:
+        setattr(parent, last, original)
+    with ra:
+        assert unet.get_submodule(path).processor is ra.processors[f"{path}.processor"]
+
+
 def test_image_projections_survive_reinstall_and_load_strictly(unet) -> None:
     ra = RegionalAttention(unet, image_tokens=True)
     sd = ra.image_projection_state_dict()
