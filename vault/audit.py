@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -57,22 +57,45 @@ def ensure_head(session: Session) -> None:
 def append(session: Session, action: str, *, actor: str, owner: str | None = None,
            subject: str | None = None, details: dict | None = None) -> AuditEvent:
     """Add one event to the chain inside the caller's transaction."""
-    if action not in ACTIONS:
-        raise ValueError(f"unknown audit action {action!r}")
-    details = json.loads(json.dumps(details or {}, sort_keys=True))
+    return append_many(session, [Event(action, actor, owner, subject, details)])[0]
+
+
+@dataclass(frozen=True)
+class Event:
+    """An event to append (:func:`append_many`)."""
+
+    action: str
+    actor: str
+    owner: str | None = None
+    subject: str | None = None
+    details: dict | None = None
+
+
+def append_many(session: Session, events: Sequence[Event]) -> list[AuditEvent]:
+    """Add events to the chain, in order, inside the caller's transaction: the head row is
+    locked and written once however many there are (a generation reads several artifacts)."""
+    for e in events:
+        if e.action not in ACTIONS:
+            raise ValueError(f"unknown audit action {e.action!r}")
+    if not events:
+        return []
     head = session.scalar(select(AuditHead).where(AuditHead.id == 1).with_for_update())
     if head is None:
         raise AuditChainBroken("the audit chain has no head row; the database was not "
                                "initialised with `idvault init` or the row was deleted")
     at = utcnow()
-    seq = head.seq + 1
-    digest = event_hash(seq, at, action, actor, owner, subject, details, head.hash)
-    event = AuditEvent(seq=seq, at=at, action=action, actor=actor, owner=owner,
-                       subject=subject, details=details, prev_hash=head.hash, hash=digest)
-    session.add(event)
-    head.seq, head.hash = seq, digest
+    rows = []
+    for e in events:
+        details = json.loads(json.dumps(e.details or {}, sort_keys=True))
+        seq = head.seq + 1
+        digest = event_hash(seq, at, e.action, e.actor, e.owner, e.subject, details, head.hash)
+        rows.append(AuditEvent(seq=seq, at=at, action=e.action, actor=e.actor, owner=e.owner,
+                               subject=e.subject, details=details, prev_hash=head.hash,
+                               hash=digest))
+        head.seq, head.hash = seq, digest
+    session.add_all(rows)
     session.flush()
-    return event
+    return rows
 
 
 @dataclass

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import func, select
+from collections.abc import Sequence
+
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from vault import audit, consent
@@ -56,6 +58,30 @@ def get_identity(session: Session, handle: Handle | str, *, lock: bool = False) 
     if identity is None:
         raise NotFound(f"no identity {h}")
     return identity
+
+
+def find_identities(session: Session, handles: Sequence[Handle | str]
+                    ) -> dict[Handle, Identity]:
+    """The identities of ``handles`` that exist, in one query (and one per related table),
+    with their consents, owner and artifact rows loaded."""
+    hs = [h if isinstance(h, Handle) else Handle.parse(h) for h in handles]
+    if not hs:
+        return {}
+    q = (select(Identity).join(Owner)
+         .where(or_(*(and_(Owner.name == h.owner, Identity.name == h.name) for h in hs)))
+         .options(selectinload(Identity.consents), selectinload(Identity.owner),
+                  selectinload(Identity.artifacts)))
+    return {Handle(i.owner.name, i.name): i for i in session.scalars(q)}
+
+
+def get_identities(session: Session, handles: Sequence[Handle | str]) -> list[Identity]:
+    """:func:`find_identities` in the given order; NotFound names the first missing one."""
+    hs = [h if isinstance(h, Handle) else Handle.parse(h) for h in handles]
+    found = find_identities(session, hs)
+    missing = next((h for h in hs if h not in found), None)
+    if missing is not None:
+        raise NotFound(f"no identity {missing}")
+    return [found[h] for h in hs]
 
 
 def check_usable(identity: Identity, purpose: str) -> None:

@@ -338,8 +338,8 @@ class Vault:
             return []
         with self.session() as s:
             chosen = []
-            for handle, kind, model_id in wanted:
-                identity = identities.get_identity(s, handle)
+            people = identities.get_identities(s, [handle for handle, _, _ in wanted])
+            for identity, (_, kind, model_id) in zip(people, wanted, strict=True):
                 check_use(identity.consent, purpose)
                 rows = [a for a in identity.artifacts if a.kind == kind
                         and (model_id is None or a.model_id == model_id)]
@@ -351,15 +351,16 @@ class Vault:
                         f"{identity.handle} has {len(rows)} {kind} artifacts; choose one by "
                         f"model id: {', '.join(sorted(a.model_id for a in rows))}")
                 chosen.append((identity, rows[0]))
-            opened = []
+            opened, events = [], []
             for identity, row in chosen:
                 payload = self._open_artifact(identity, row)
                 decoded = codec.decode(payload, kind=row.kind)
-                audit.append(s, "artifact.read", actor=actor or _actor(),
-                             owner=identity.owner.name, subject=identity.handle,
-                             details={"artifact": row.id, "kind": row.kind,
-                                      "model_id": row.model_id, "purpose": purpose})
+                events.append(audit.Event(
+                    "artifact.read", actor or _actor(), identity.owner.name, identity.handle,
+                    {"artifact": row.id, "kind": row.kind, "model_id": row.model_id,
+                     "purpose": purpose}))
                 opened.append(OpenedArtifact(decoded, payload, row.id, identity.handle))
+            audit.append_many(s, events)
             return opened
 
     # -- dedupe index ---------------------------------------------------------------

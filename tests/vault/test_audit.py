@@ -77,3 +77,21 @@ def test_reordered_rows(busy):
             setattr(b, f, va[f])
     result = busy.verify_audit()
     assert (result.ok, result.first_bad_seq) == (False, 5)
+
+
+def test_append_many_chains_each_event_and_writes_the_head_once(family):
+    with family.session() as s:
+        head_before = s.scalar(select(audit.AuditHead)).seq
+        rows = audit.append_many(s, [
+            audit.Event("artifact.read", "job:1", "smiths", f"smiths/p{i}", {"n": i})
+            for i in range(3)])
+        assert [r.seq for r in rows] == [head_before + 1, head_before + 2, head_before + 3]
+        assert rows[1].prev_hash == rows[0].hash and rows[2].prev_hash == rows[1].hash
+        assert s.scalar(select(audit.AuditHead)).hash == rows[-1].hash
+        assert audit.append_many(s, []) == []
+        with pytest.raises(ValueError, match="unknown audit action"):
+            audit.append_many(s, [audit.Event("artifact.read", "x"), audit.Event("nope", "x")])
+    with family.session() as s:
+        assert audit.verify(s).ok
+        # The refused batch wrote nothing: its valid first event is not in the chain.
+        assert s.scalar(select(audit.AuditHead)).seq == head_before + 3

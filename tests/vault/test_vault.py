@@ -330,3 +330,19 @@ def test_several_reads_in_one_transaction_all_or_nothing(family):
     [a] = family.get_artifacts([("smiths/ana", "face", None)], actor="gen")
     assert a.handle == "smiths/ana" and a.artifact.shapes["normed"] == [2, 512]
     assert family.get_artifacts([]) == []
+
+
+def test_get_identities_loads_several_in_order(family):
+    from vault import identities
+    from vault.errors import NotFound
+
+    for name in ("ana", "ben", "cy"):
+        family.create_identity(f"smiths/{name}", consent(), actor="test")
+    with family.session() as s:
+        got = identities.get_identities(s, ["smiths/cy", "smiths/ana", "@smiths/ben"])
+        assert [i.handle for i in got] == ["smiths/cy", "smiths/ana", "smiths/ben"]
+        assert identities.get_identities(s, []) == []
+        with pytest.raises(NotFound, match="no identity smiths/zed"):
+            identities.get_identities(s, ["smiths/ana", "smiths/zed", "northlight/ana"])
+        assert set(map(str, identities.find_identities(s, ["smiths/ana", "northlight/ana"]))
+                   ) == {"smiths/ana"}
