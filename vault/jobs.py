@@ -255,11 +255,11 @@ class JobQueue:
     @staticmethod
     def _stages(s: Session, job: Job) -> list[tuple[str, str]]:
         """``(identity uid, stage id)`` of the photos staged for ``job`` (none for most)."""
-        ids = staged_photos.stage_ids(job.params)
-        if not ids or job.identity_id is None:
+        sid = staged_photos.stage_id(job.params)
+        if sid is None or job.identity_id is None:
             return []
         uid = s.scalar(select(Identity.uid).where(Identity.id == job.identity_id))
-        return [(uid, sid) for sid in ids] if uid else []
+        return [(uid, sid)] if uid else []
 
     def _discard(self, stages: list[tuple[str, str]]) -> None:
         # After the commit: a job that ended keeps nothing of its photos.

@@ -25,7 +25,6 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,11 +171,11 @@ def discard_identity(vault, identity_uid: str) -> None:
         shutil.rmtree(_root(vault) / identity_uid, ignore_errors=True)
 
 
-def stage_ids(params: object) -> Iterable[str]:
+def stage_id(params: object) -> str | None:
     """The stage a job's params name, if any (a malformed one names none)."""
     doc = params.get(STAGED) if isinstance(params, dict) else None
-    stage_id = doc.get("id") if isinstance(doc, dict) else None
-    return [stage_id] if isinstance(stage_id, str) and _STAGE_ID.match(stage_id) else []
+    sid = doc.get("id") if isinstance(doc, dict) else None
+    return sid if isinstance(sid, str) and _STAGE_ID.match(sid) else None
 
 
 def sweep(vault, *, grace_seconds: float = SWEEP_GRACE_SECONDS, now: float | None = None) -> int:
@@ -190,8 +189,8 @@ def sweep(vault, *, grace_seconds: float = SWEEP_GRACE_SECONDS, now: float | Non
     if not root.is_dir():
         return 0
     with vault.session(read_only=True) as s:
-        live = {sid for params in s.scalars(select(Job.params).where(
-            Job.status.in_(("queued", "running")))) for sid in stage_ids(params)}
+        live = {stage_id(params) for params in s.scalars(select(Job.params).where(
+            Job.status.in_(("queued", "running"))))} - {None}
     now = time.time() if now is None else now
     removed = 0
     for identity_dir in root.iterdir():
