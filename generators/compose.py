@@ -89,6 +89,7 @@ from generators.provenance import (
     build_manifest,
     save_signed_png,
 )
+from generators.text_encoding import SDXLTextEncoding
 from generators.regional_attention import (
     IdentityTokens,
     RegionalAttention,
@@ -452,6 +453,7 @@ class ComposePipeline:
 
         self._merged = MergeCache() if config.fuse_lora and config.lora_cache else None
         self._encodings = _Encodings(config.prompt_cache) if config.prompt_cache else None
+        self._text_encoding = SDXLTextEncoding()
         self._projections: int | None = None  # id() of the image projections loaded
         self._lock = threading.Lock()
         cross = getattr(unet.config, "cross_attention_dim", None)
@@ -864,13 +866,13 @@ class ComposePipeline:
 
                 handle = encoder.get_input_embeddings().register_forward_hook(hook)
             try:
-                out = encoder(ids, output_hidden_states=True)
+                # (rows, 77, d_k): SDXL's penultimate layer; (rows, P) from text encoder 2
+                h, p = self._text_encoding(encoder, ids, pooled=k == 1)
             finally:
                 if handle is not None:
                     handle.remove()
-            if pooled is None and out[0].ndim == 2:  # diffusers: the final encoder's pooled
-                pooled = out[0]
-            hidden.append(out.hidden_states[-2])  # (rows, 77, d_k): SDXL's penultimate layer
+            pooled = p if p is not None else pooled
+            hidden.append(h)
         embeds = torch.cat(hidden, dim=-1).to(self.device, pipe.text_encoder_2.dtype)
         pooled = pooled.to(self.device, pipe.text_encoder_2.dtype)
         if key is not None:
