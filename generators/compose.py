@@ -89,7 +89,6 @@ from generators.provenance import (
     build_manifest,
     save_signed_png,
 )
-from generators.text_encoding import SDXLTextEncoding
 from generators.regional_attention import (
     IdentityTokens,
     RegionalAttention,
@@ -97,6 +96,7 @@ from generators.regional_attention import (
     RegionalConfig,
     cfg_text_rows,
 )
+from generators.text_encoding import SDXLTextEncoding
 from vault.errors import InvalidInput, ModelUnavailable
 
 __all__ = [
