@@ -64,6 +64,7 @@ these processors call, so it composes with them.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Self
@@ -272,6 +273,10 @@ class RegionalState:
     def __init__(self, image_scale: float = 1.0) -> None:
         self.conditioning: RegionalConditioning | None = None
         self.image_scale = image_scale
+        # Per processor: the image tokens' key and value projections, with the stamp of
+        # what they were computed from (see RegionalAttnProcessor._image_kv). Cleared at
+        # install and remove, so nothing outlives the generation that made it.
+        self.image_kv: dict[int, tuple[tuple, tuple, torch.Tensor, torch.Tensor]] = {}
 
 
 def _add_masks(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -362,8 +367,9 @@ class RegionalAttnProcessor(nn.Module):
                 raise InvalidInput("image tokens were passed but these processors have no image "
                                    "projections (install RegionalAttention with "
                                    "image_tokens=True)")
-            ip_key = self.to_k_ip(image).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-            ip_value = self.to_v_ip(image).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            ip_key, ip_value = self._image_kv(encoder_hidden_states, image)
+            ip_key = ip_key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            ip_value = ip_value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
             ip_bias, gate = cond.image_bias(q_len, query.dtype, query.device)
             if attention_mask is not None:
                 ip_bias = _add_masks(ip_bias, attention_mask[..., t_len:])
@@ -381,6 +387,35 @@ class RegionalAttnProcessor(nn.Module):
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _image_kv(self, encoder_hidden_states: torch.Tensor,
+                  image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``to_k_ip(image)``, ``to_v_ip(image)``: (batch, num_image_tokens, inner) each.
+
+        The image tokens are the same at every denoising step of a phase, so their
+        projections are computed at the first step and reused while the sequence and
+        both projection weights are the same tensor objects (held by weak reference, so
+        a new tensor at a freed address never matches) with the same in-place version,
+        shape and dtype. The official processor recomputes them at every step; the result
+        is the same. Not kept with autograd on (training) or with hooks on the
+        projections (they would be skipped)."""
+        k_ip, v_ip = self.to_k_ip, self.to_v_ip
+        if torch.is_grad_enabled() or _hooked(k_ip) or _hooked(v_ip):
+            return k_ip(image), v_ip(image)
+        sources = (encoder_hidden_states, k_ip.weight, v_ip.weight)
+        stamp = tuple((t._version, tuple(t.shape), t.dtype, t.device) for t in sources)
+        hit = self.state.image_kv.get(id(self))
+        if hit is not None and hit[1] == stamp and all(
+                ref() is t for ref, t in zip(hit[0], sources, strict=True)):
+            return hit[2], hit[3]
+        key, value = k_ip(image), v_ip(image)
+        self.state.image_kv[id(self)] = (tuple(weakref.ref(t) for t in sources), stamp,
+                                         key, value)
+        return key, value
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class RegionalAttention:
@@ -471,6 +506,7 @@ class RegionalAttention:
                 if p.to_k_ip.weight.device != w.device or p.to_k_ip.weight.dtype != w.dtype:
                     p.to(device=w.device, dtype=w.dtype)
         self._originals = originals
+        self.state.image_kv.clear()
         for name, p in self.processors.items():
             self._layers[name].set_processor(p)
         return self
@@ -483,6 +519,7 @@ class RegionalAttention:
         for name, original in originals.items():
             self._layers[name].set_processor(original)
         self.state.conditioning = None
+        self.state.image_kv.clear()
 
     def __enter__(self) -> Self:
         return self.install()

@@ -362,6 +362,42 @@ def test_image_projections_survive_reinstall_and_load_strictly(unet) -> None:
         ra.load_image_projections({**new, "0.to_k_ip.weight": new[first]})
 
 
+def test_image_projections_are_computed_once_per_sequence(unet, regional) -> None:
+    """The image tokens' key/value projections are reused across steps while the sequence
+    and the projection weights are unchanged, and recomputed whenever either changes."""
+    attn = _attn(unet)
+    proc = regional.processors[FIRST_ATTN2 + ".processor"]
+    cond = _two(text=False, image=True)
+    hidden, ehs = _hidden(attn, 32), _ehs(cond.num_image_tokens)
+    calls: list[int] = []
+    projection = proc.to_k_ip.forward
+    proc.to_k_ip.forward = lambda x: (calls.append(1), projection(x))[1]  # no hook: a spy
+    try:
+        with regional:
+            regional.conditioning = cond
+            first = _run(proc, attn, hidden, ehs)
+            again = _run(proc, attn, hidden, ehs)  # the next step: same sequence
+            assert len(calls) == 1
+            torch.testing.assert_close(again, first, rtol=0, atol=0)
+            copy = ehs.clone()  # equal values, another tensor: not trusted
+            torch.testing.assert_close(_run(proc, attn, hidden, copy), first, rtol=0, atol=0)
+            assert len(calls) == 2
+            ehs[:, 77:] += 0.5  # changed in place: recomputed
+            changed = _run(proc, attn, hidden, ehs)
+            assert len(calls) == 3 and (changed - first).abs().max() > 1e-3
+            regional.state.image_kv.clear()
+            torch.testing.assert_close(_run(proc, attn, hidden, ehs), changed, rtol=0, atol=0)
+            assert len(calls) == 4
+            with torch.no_grad():
+                proc.to_v_ip.weight.mul_(1.0)  # a weight written in place: recomputed
+            _run(proc, attn, hidden, ehs)
+            assert len(calls) == 5
+            assert regional.state.image_kv
+        assert not regional.state.image_kv  # nothing outlives the installation
+    finally:
+        del proc.to_k_ip.forward
+
+
 def test_pipeline_runs_with_regional_attention_and_is_reusable() -> None:
     pipe = build_tiny_sdxl()
 
