@@ -71,6 +71,26 @@ def test_same_as_the_plain_forward_with_less_work(sdxl, attention) -> None:
     assert probe2.lengths == [longest]  # encoder 2's ran on the first L positions only
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_rounding_is_not_taken_for_a_difference(sdxl, dtype, caplog) -> None:
+    import copy
+
+    enc = copy.deepcopy(sdxl.text_encoder_2).to(dtype)
+    ids = _ids(sdxl.tokenizer_2)
+    encode = SDXLTextEncoding()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, "generators.text_encoding"):
+        encode(enc, ids, pooled=True)  # checked against the plain forward
+        probe = LengthProbe(_final_layer(enc))
+        try:
+            _, pooled = encode(enc, ids, pooled=True)
+        finally:
+            probe.close()
+        _, want = plain_encoding(enc, ids, pooled=True)
+    assert probe.lengths == [int((ids == enc.config.eos_token_id).int().argmax(-1).max()) + 1]
+    assert "differs" not in caplog.text
+    torch.testing.assert_close(pooled, want)  # the dtype's default tolerance
+
+
 def test_an_encoder_pooling_elsewhere_is_encoded_in_full(sdxl, caplog) -> None:
     """A model whose pooled output is not at the end token (here: the last position) would
     be wrong when shortened; the first call notices and keeps to the plain forward."""
