@@ -31,7 +31,7 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from vault import audit, codec, crypto, db, identities, staged_photos
+from vault import audit, codec, crypto, db, generated_images, identities, staged_photos
 from vault.config import Settings
 from vault.consent import ConsentRequest, check_use
 from vault.dedupe_index import DedupeIndex, Match
@@ -674,7 +674,8 @@ class Vault:
     # -- erasure ------------------------------------------------------------------------
     def delete_identity(self, handle: str, *, actor: str | None = None,
                         reason: str = "requested") -> dict:
-        """Crypto-shred, then delete every row; returns a signed receipt."""
+        """Crypto-shred, then delete every row and the stored generated images that show
+        the identity (:mod:`vault.generated_images`); returns a signed receipt."""
         h = Handle.parse(handle)
         with self.session() as s:
             identity = identities.get_identity(s, h)
@@ -693,10 +694,13 @@ class Vault:
             s.delete(identity)
             s.flush()
             erased_at = utcnow()
+            images = generated_images.remove_showing(s, self.settings.data_dir, owner_id,
+                                                     str(h), reason=reason, now=erased_at)
             event = audit.append(s, "identity.delete", actor=actor or _actor(), owner=h.owner,
                                  subject=str(h),
                                  details={"identity": uid, "artifacts": len(artifacts),
-                                          "data_key": key_id, "reason": reason})
+                                          "data_key": key_id, "reason": reason,
+                                          "generated_images": len(images)})
             seq = event.seq
         self._checkpoint()
         receipt = {
@@ -704,7 +708,8 @@ class Vault:
             "identity": uid, "erased_at": audit.canonical_time(erased_at), "reason": reason,
             "artifacts": artifacts, "consent_records": consents,
             "data_key": {"key_id": key_id, "shredded": key_id is not None},
-            "index_vectors_removed": removed, "audit_seq": seq,
+            "index_vectors_removed": removed, "generated_images_removed": len(images),
+            "audit_seq": seq,
         }
         return self.sign_receipt(receipt)
 

@@ -7,13 +7,14 @@ and models folder on first use (the base model is the first SDXL folder in
 the models folder, e.g. ``sdxl-tiny`` of ``idvault models tiny``) and keeps
 it for the next jobs.
 
-The signed PNG is written to ``DATA_DIR/outputs/<job id>.png``; the job's
-result holds that path (relative to the data dir), its SHA-256, the size,
-seed, handles and methods -- never decrypted identity data, which stays in
-memory for the length of the call. Outputs are images that may show a
-person: erasing an identity does not touch them (they are not identity
-data the vault holds), so an operator who must remove them deletes the
-files (``DELETE`` is not offered by the API).
+The signed PNG is written to ``DATA_DIR/outputs/<job id>.png``
+(:mod:`vault.generated_images`); the job's result holds that path (relative
+to the data dir), its SHA-256, the size, seed, handles and methods -- never
+decrypted identity data, which stays in memory for the length of the call.
+Erasing an identity removes every stored image that shows it (the job keeps
+its record, with ``image_removed``). An identity erased, or its consent
+withdrawn, while its scene is being made fails the job and leaves no image:
+the identities are checked again after the image is written.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import threading
 from pathlib import Path
 
 from vault.errors import InvalidInput, NotFound
+from vault.generated_images import image_path
 from vault.jobs import JobContext, JobKind, register_kind
 
 KIND = "generate"
 MAX_PROMPT = 2000
 MAX_STEPS = 100
 MAX_SIDE = 2048
-OUTPUTS = "outputs"
 MAX_PIPELINES = 2
 PARAMS = ("prompt", "layout", "seed", "steps", "size", "method", "commercial")
 
@@ -92,12 +93,16 @@ def preflight(vault, owner: str, params: dict) -> None:
 
 
 def output_path(data_dir: Path, job_id: str) -> Path:
-    return Path(data_dir) / OUTPUTS / f"{job_id}.png"
+    return image_path(data_dir, job_id)
 
 
 def stored_image(vault, job: dict) -> Path:
     """The PNG of a finished generate job (NotFound when there is none)."""
     result = job.get("result") or {}
+    removed = result.get("image_removed")
+    if job.get("kind") == KIND and isinstance(removed, dict):
+        raise NotFound(f"the image of job {job.get('id')} was removed on "
+                       f"{removed.get('at')}: {removed.get('reason')}")
     if job.get("kind") != KIND or job.get("status") != "done" or not result.get("image"):
         raise NotFound(f"job {job.get('id')} has no generated image")
     path = output_path(vault.settings.data_dir, job["id"])
@@ -138,6 +143,13 @@ def run(ctx: JobContext) -> dict:
     path = output_path(data_dir, ctx.job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     manifest = result.save(path)  # written beside it and renamed into place
+    try:
+        # An identity erased (its images removed) or its consent withdrawn while the scene
+        # was being made: the image must not outlive that.
+        preflight(ctx.vault, ctx.owner, p)
+    except Exception:
+        path.unlink(missing_ok=True)
+        raise
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     width, height = result.image.size
     return {"image": str(path.relative_to(data_dir)), "sha256": digest,

@@ -85,7 +85,8 @@ SCHEMAS: dict[str, dict] = {
     "SignedReceipt": _obj({
         "receipt": _obj({"type": STR, "handle": STR, "identity": STR, "erased_at": STR,
                          "reason": STR, "artifacts": {"type": "array", "items": OBJ},
-                         "data_key": OBJ, "audit_seq": INT}),
+                         "data_key": OBJ, "generated_images_removed": INT,
+                         "audit_seq": INT}),
         "signature": _obj({"alg": STR, "key_id": STR, "public_key": STR, "value": STR})}),
     "Withdrawal": _obj({"handle": STR, "withdrawn": BOOL,
                         "erase_policy": {"type": "string", "enum": ["immediate", "retain"]},

@@ -118,12 +118,12 @@ def test_generate_fetch_and_verify(gen_web, tmp_path):
     assert any(e["action"] == "generate" and e["actor"] == f"job:{job['id']}"
                for e in events["items"])
 
-    # Erasing an identity leaves the outputs alone (they are images, not identity data).
+    # Erasing an identity the scene shows removes it (more in the test below).
     assert web.client.delete("/v1/identities/smiths/ben", headers=web.headers()
                              ).status_code == 200
-    assert stored.is_file()
+    assert not stored.is_file()
     assert web.client.get(f"/v1/jobs/{job['id']}/image", headers=web.headers()
-                          ).status_code == 200
+                          ).status_code == 404
 
 
 def test_refusals_fail_the_job_or_the_request(gen_web):
@@ -202,6 +202,56 @@ def test_cancel_a_running_generation(gen_web):
     finally:
         generation.pipeline = real
     assert done["status"] == "cancelled", done
+    assert not generation.output_path(web.vault.settings.data_dir, job["id"]).exists()
+
+
+def test_erasing_an_identity_removes_the_scenes_that_show_it(gen_web):
+    web = gen_web
+    enroll_for_generation(web, "smiths/ana", 1)
+    enroll_for_generation(web, "smiths/ben", 2)
+    both = generate(web, prompt="@smiths/ana and @smiths/ben at a picnic")
+    alone = generate(web, prompt="@smiths/ben reading")
+    for job in (both, alone):
+        assert run(web, job["id"])["status"] == "done"
+    read = web.headers("smiths", "identities:read")
+    resp = web.client.delete("/v1/identities/smiths/ana", headers=web.headers())
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert resp.get_json()["receipt"]["generated_images_removed"] == 1
+
+    gone = web.client.get(f"/v1/jobs/{both['id']}/image", headers=read)
+    assert gone.status_code == 404
+    message = gone.get_json()["error"]["message"]
+    assert "was removed" in message and "smiths/ana erased" in message
+    result = web.client.get(f"/v1/jobs/{both['id']}", headers=read).get_json()["result"]
+    assert "image" not in result and result["image_removed"]["reason"].startswith(
+        "smiths/ana erased (requested by")
+    assert not generation.output_path(web.vault.settings.data_dir, both["id"]).exists()
+    kept = web.client.get(f"/v1/jobs/{alone['id']}/image", headers=read)
+    assert kept.status_code == 200 and kept.mimetype == "image/png"
+
+
+def test_an_identity_erased_while_its_scene_is_made_leaves_no_image(gen_web):
+    web = gen_web
+    enroll_for_generation(web, "smiths/ana", 1)
+    job = generate(web, prompt="@smiths/ana by a window")
+    real = generation.pipeline
+
+    class ErasedMeanwhile:  # the pipeline, with ana erased as its call ends
+        def __init__(self, pipe) -> None:
+            self.pipe = pipe
+
+        def __call__(self, *args, **kwargs):
+            out = self.pipe(*args, **kwargs)
+            web.vault.delete_identity("smiths/ana", actor="test")
+            return out
+
+    generation.pipeline = lambda vault, models_dir: ErasedMeanwhile(real(vault, models_dir))
+    try:
+        done = run(web, job["id"])
+    finally:
+        generation.pipeline = real
+    assert done["status"] == "failed", done
+    assert "smiths/ana" in done["error"]
     assert not generation.output_path(web.vault.settings.data_dir, job["id"]).exists()
 
 
