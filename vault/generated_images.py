@@ -24,6 +24,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from vault.audit import canonical_time
 from vault.models import Job
 
 OUTPUTS = "outputs"
@@ -51,7 +52,7 @@ def remove_showing(s: Session, data_dir: Path | str, owner_id: int, handle: str,
     for job in jobs_showing(s, owner_id, handle):
         image_path(data_dir, job.id).unlink(missing_ok=True)
         result = {k: v for k, v in job.result.items() if k not in ("image", "bytes")}
-        result["image_removed"] = {"at": now.isoformat().replace("+00:00", "Z"),
+        result["image_removed"] = {"at": canonical_time(now),
                                    "reason": f"{handle} erased ({reason})"}
         job.result = result  # a new object: the JSON column sees the change
         removed.append(job.id)

@@ -92,10 +92,6 @@ def preflight(vault, owner: str, params: dict) -> None:
     resolve_identities(vault, parse_prompt(params["prompt"]), owner=owner, purposes=purposes)
 
 
-def output_path(data_dir: Path, job_id: str) -> Path:
-    return image_path(data_dir, job_id)
-
-
 def stored_image(vault, job: dict) -> Path:
     """The PNG of a finished generate job (NotFound when there is none)."""
     result = job.get("result") or {}
@@ -105,7 +101,7 @@ def stored_image(vault, job: dict) -> Path:
                        f"{removed.get('at')}: {removed.get('reason')}")
     if job.get("kind") != KIND or job.get("status") != "done" or not result.get("image"):
         raise NotFound(f"job {job.get('id')} has no generated image")
-    path = output_path(vault.settings.data_dir, job["id"])
+    path = image_path(vault.settings.data_dir, job["id"])
     if not path.is_file():
         raise NotFound(f"the image of job {job['id']} is no longer stored")
     return path
@@ -140,7 +136,7 @@ def run(ctx: JobContext) -> dict:
                   layout=p.get("layout"), seed=p["seed"], steps=p["steps"], size=size,
                   method=p["method"], commercial=p["commercial"], progress=progress)
     data_dir = Path(ctx.vault.settings.data_dir)
-    path = output_path(data_dir, ctx.job_id)
+    path = image_path(data_dir, ctx.job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     manifest = result.save(path)  # written beside it and renamed into place
     try:

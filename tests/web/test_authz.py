@@ -124,12 +124,12 @@ def seeded(web):
 def finished_scene(web, h) -> str:
     """A generate job of smiths, finished with a stored PNG (as the worker leaves it; the
     generation itself is tested in test_generation.py with the tiny SDXL models)."""
+    from vault import generated_images
     from vault.models import Job
-    from web import generation
 
     scene = web.client.post("/v1/generate", headers=h, json={"prompt": "@smiths/ana"}
                             ).get_json()["id"]
-    path = generation.output_path(web.vault.settings.data_dir, scene)
+    path = generated_images.image_path(web.vault.settings.data_dir, scene)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (8, 8), "gray").save(path)
     with web.vault.session() as s:

@@ -13,6 +13,7 @@ from PIL import Image, PngImagePlugin
 
 from tests.helpers import consent_doc
 from tests.web.web_fixtures import photo_bytes
+from vault import generated_images
 from web import generation
 
 
@@ -157,7 +158,7 @@ def test_refusals_fail_the_job_or_the_request(gen_web):
     assert failed["status"] == "failed", failed
     assert "no identity smiths/ben" in failed["error"]  # erased: the family erases at once
     assert failed["result"] is None
-    assert not generation.output_path(web.vault.settings.data_dir, job["id"]).exists()
+    assert not generated_images.image_path(web.vault.settings.data_dir, job["id"]).exists()
     resp = web.client.get(f"/v1/jobs/{job['id']}/image", headers=web.headers())
     assert resp.status_code == 404 and "no generated image" in resp.get_json()["error"]["message"]
     assert web.client.get(f"/v1/jobs/{job['id']}/verify", headers=web.headers()
@@ -202,7 +203,7 @@ def test_cancel_a_running_generation(gen_web):
     finally:
         generation.pipeline = real
     assert done["status"] == "cancelled", done
-    assert not generation.output_path(web.vault.settings.data_dir, job["id"]).exists()
+    assert not generated_images.image_path(web.vault.settings.data_dir, job["id"]).exists()
 
 
 def test_erasing_an_identity_removes_the_scenes_that_show_it(gen_web):
@@ -225,7 +226,7 @@ def test_erasing_an_identity_removes_the_scenes_that_show_it(gen_web):
     result = web.client.get(f"/v1/jobs/{both['id']}", headers=read).get_json()["result"]
     assert "image" not in result and result["image_removed"]["reason"].startswith(
         "smiths/ana erased (requested by")
-    assert not generation.output_path(web.vault.settings.data_dir, both["id"]).exists()
+    assert not generated_images.image_path(web.vault.settings.data_dir, both["id"]).exists()
     kept = web.client.get(f"/v1/jobs/{alone['id']}/image", headers=read)
     assert kept.status_code == 200 and kept.mimetype == "image/png"
 
@@ -252,7 +253,7 @@ def test_an_identity_erased_while_its_scene_is_made_leaves_no_image(gen_web):
         generation.pipeline = real
     assert done["status"] == "failed", done
     assert "smiths/ana" in done["error"]
-    assert not generation.output_path(web.vault.settings.data_dir, job["id"]).exists()
+    assert not generated_images.image_path(web.vault.settings.data_dir, job["id"]).exists()
 
 
 def test_the_generation_page(gen_web):
