@@ -47,10 +47,10 @@ import numpy as np
 import onnxruntime
 from PIL import Image
 
-from encoders.face_analyzer import FaceAnalyzer
-from encoders.face_pack import find_face_pack
+from encoders.face.analyzer import FaceAnalyzer
+from encoders.face.pack import find_face_pack
 from encoders.photo import load_photo
-from encoders.tiny_models import synthetic_face, write_tiny_face_pack
+from encoders.standins.face_pack import synthetic_face, write_tiny_face_pack
 from vault import codec
 from vault.config import Settings
 from vault.consent import ConsentRequest
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         r50_dir.mkdir()
         (r50_dir / "det_10g.onnx").write_bytes((tiny_dir / "det_10g.onnx").read_bytes())
         t0 = time.perf_counter()
-        from encoders.arcface_r50 import export_random_arcface_r50  # torch: only here
+        from encoders.standins.arcface_r50 import export_random_arcface_r50  # torch: only here
 
         export_random_arcface_r50(r50_dir / "w600k_r50.onnx")
         print(f"exported random ArcFace R50 in {time.perf_counter() - t0:.1f} s")

@@ -42,7 +42,7 @@ What it measures
 
 Full size (``--full-size``)
     The full SDXL architecture with random weights, built offline by
-    :mod:`generators.full_size_sdxl` directly on ``--device`` in ``--dtype``
+    :mod:`generators.standins.full_size_sdxl` directly on ``--device`` in ``--dtype``
     (default: CUDA if available, float16; on the CPU bfloat16): the UNet and
     both text encoders from ``base_models.json`` of the reference manifests
     (``--manifests``), the SDXL VAE, the tiny offline tokenizers. The
@@ -106,7 +106,7 @@ CLASS_WORDS = ("girl", "man", "woman", "boy")
 
 def _full_size_pipe(models: Path, args, storymaker: bool):
     """The full-size SDXL (random) on the target device and full-size identity checkpoints."""
-    from generators.full_size_sdxl import (
+    from generators.standins.full_size_sdxl import (
         build_full_size_sdxl,
         load_base_manifest,
         write_full_size_id_models,
@@ -124,9 +124,9 @@ def _full_size_pipe(models: Path, args, storymaker: bool):
 def _setup(root: Path, identities: int, args, storymaker: bool = True):
     from diffusers import StableDiffusionXLPipeline
 
-    from encoders.id_checkpoints import file_digest
+    from encoders.id.checkpoints import file_digest
     from generators.compose import ComposePipeline
-    from generators.tiny_generation import write_tiny_generation_models
+    from generators.standins.generation import write_tiny_generation_models
     from vault import codec
     from vault.config import Settings
     from vault.consent import ConsentRequest

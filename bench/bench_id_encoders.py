@@ -44,21 +44,21 @@ import torch
 import transformers
 from torch import nn
 
-from encoders.clip_vision import (
+from encoders.id.clip_vision import (
     VIT_H14,
     ClipVisionTower,
     build_vision_model,
     clip_preprocess,
     materialize_position_ids,
 )
-from encoders.photomaker import PhotoMakerIDEncoder
-from encoders.storymaker import (
+from encoders.id.photomaker import PhotoMakerIDEncoder
+from encoders.id.storymaker import (
     StoryMakerCheckpoint,
     StoryMakerEncoder,
     StoryMakerImageProj,
     character_inputs,
 )
-from encoders.tiny_models import synthetic_face
+from encoders.standins.face_pack import synthetic_face
 
 STAGES = ("prep", "tower", "head")
 

@@ -1,17 +1,17 @@
 """Fitting cost: seconds per step and per identity for Celeb Basis and the LiDB fine-tune.
 
 What it measures
-    The two optimisation-based methods (:mod:`encoders.celeb_basis`,
-    :mod:`encoders.lidb`) with the **full-size SD1.5 architecture** (UNet
+    The two optimisation-based methods (:mod:`encoders.fitting.celeb_basis`,
+    :mod:`encoders.fitting.lidb`) with the **full-size SD1.5 architecture** (UNet
     860M parameters, CLIP-L text encoder, the SD VAE; configs from
     ``manifests/base_models.json``) with random weights, on this machine's
     CPU, fp32, at the recipe's batch 2 and 512x512:
 
-    - ``celeb_basis``: one step of :func:`encoders.celeb_basis.fit_coefficients`
+    - ``celeb_basis``: one step of :func:`encoders.fitting.celeb_basis.fit_coefficients`
       (VAE encode, text encode with the two mapped tokens, UNet forward and
       backward down to the mapper: only the 512->1024 linear trains);
     - ``lidb``: one step of the rank-relaxed fast fine-tune
-      (:func:`encoders.lidb.fit_lidb`, rank 4, 176 LoRA'd linears in the
+      (:func:`encoders.fitting.lidb.fit_lidb`, rank 4, 176 LoRA'd linears in the
       UNet and the text encoder).
 
     The first step of each is a warm-up and not counted; the median of the
@@ -62,7 +62,7 @@ def full_size_sd15(device: str, dtype: torch.dtype):
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from generators.tiny_pipelines import tiny_clip_tokenizer
+    from generators.standins.pipelines import tiny_clip_tokenizer
 
     manifest = next(json.loads(p.read_text()) for p in MANIFEST_CANDIDATES if p.exists())
     torch.manual_seed(0)
@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.nn.functional as F
 
-    from encoders import celeb_basis as cb
-    from encoders import lidb
-    from encoders.personalize import DiffusionModel, FitConfig
+    from encoders.fitting import celeb_basis as cb
+    from encoders.fitting import lidb
+    from encoders.fitting.core import DiffusionModel, FitConfig
 
     dtype = getattr(torch, args.dtype)
     t = time.perf_counter()

@@ -66,7 +66,7 @@ def _consent() -> dict:
 def setup(root: Path, identities: int) -> tuple[str, Path]:
     """A vault with one owner, ``identities`` identities and an API key; the models dir."""
     sys.path.insert(0, str(ROOT))
-    from encoders.tiny_models import write_tiny_face_pack
+    from encoders.standins.face_pack import write_tiny_face_pack
     from vault import api_keys
     from vault.config import Settings
     from vault.consent import ConsentRequest
@@ -89,7 +89,7 @@ def setup(root: Path, identities: int) -> tuple[str, Path]:
 def start_server(root: Path, models: Path, threads: int) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "web.cli", "serve", "--data-dir", str(root / "vault"),
+        [sys.executable, "-m", "web.cli.main", "serve", "--data-dir", str(root / "vault"),
          "--host", "127.0.0.1", "--port", "0", "--threads", str(threads), "--models",
          str(models)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         cwd=ROOT)
@@ -187,7 +187,7 @@ def enrollment_payloads(n: int, photos: int, start: int = 10_000,
     sys.path.insert(0, str(ROOT))
     from PIL import Image
 
-    from encoders.synthetic_faces import synthetic_face
+    from encoders.standins.synthetic_faces import synthetic_face
 
     out = []
     for i in range(n):

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from encoders.face_analyzer import FaceAnalyzer, FaceResult, PhotoInput, Pick
-from encoders.face_pack import sha256_file
+from encoders.face.analyzer import FaceAnalyzer, FaceResult, PhotoInput, Pick
+from encoders.face.pack import sha256_file
 from encoders.photo import load_photo
 from vault import codec
 from vault.consent import ConsentRequest
@@ -111,11 +111,11 @@ class Enroller:
         """The PhotoMaker or StoryMaker encoder, loaded once."""
         if kind not in self._encoders:
             if kind == "photomaker":
-                from encoders.photomaker import PhotoMakerEncoder
+                from encoders.id.photomaker import PhotoMakerEncoder
 
                 self._encoders[kind] = PhotoMakerEncoder.from_models_dir(self.models_dir)
             elif kind == "storymaker":
-                from encoders.storymaker import StoryMakerEncoder
+                from encoders.id.storymaker import StoryMakerEncoder
 
                 self._encoders[kind] = StoryMakerEncoder.from_models_dir(self.models_dir)
             else:
@@ -219,7 +219,7 @@ class Enroller:
         if kind == "photomaker":
             tensors, meta = encoder.encode(images, faces, names=labels)
         else:
-            from encoders.storymaker import pick_reference
+            from encoders.id.storymaker import pick_reference
 
             with_mask = [i for i, name in enumerate(labels) if name in masks]
             i = with_mask[0] if with_mask else pick_reference(faces)

@@ -48,6 +48,7 @@ __all__ = [
     "Layout",
     "MaskConfig",
     "auto_layout",
+    "choose_layout",
     "grid_at_factor",
     "grid_for_length",
     "parse_layout",
@@ -318,3 +319,22 @@ def parse_layout(text: str, identities: Sequence[str]) -> Layout:
     if missing:
         raise InvalidInput(f"layout has no box for {', '.join(missing)} (one box per identity)")
     return Layout(tuple(idents), tuple(boxes[i] for i in idents))
+
+
+def choose_layout(layout: str | Layout | None, identities: Sequence[str], *,
+                  feather: float = DEFAULT_FEATHER,
+                  auto_overlap: float = DEFAULT_OVERLAP) -> tuple[Layout, MaskConfig] | None:
+    """The layout of a generation and its mask settings: ``layout`` as given (a
+    :class:`Layout`, or text for :func:`parse_layout`) with ``feather``, or -- None or
+    blank -- the automatic strips, feathered by their overlap so neighbours cross at 0.5.
+    None when there is no identity (and a layout given anyway is refused)."""
+    if not identities:
+        if layout:
+            raise InvalidInput("a layout was given but the prompt mentions no identity")
+        return None
+    if layout is None or (isinstance(layout, str) and not layout.strip()):
+        return auto_layout(identities, overlap=auto_overlap), MaskConfig(feather=auto_overlap)
+    if isinstance(layout, Layout):
+        layout = json.dumps({n: list(b.as_tuple())
+                             for n, b in zip(layout.names, layout.boxes, strict=True)})
+    return parse_layout(str(layout), identities), MaskConfig(feather=feather)

@@ -8,10 +8,10 @@ Two official files carry a LoRA over the SDXL UNet's attention, in two layouts:
       unet.<processor>.processor.to_{q,k,v,out}_lora.{down,up}.weight
 
   ``down`` is ``(r, in)``, ``up`` is ``(out, r)``; the rank is unpublished and
-  read from the shapes (:func:`encoders.photomaker.lora_rank`). The key maps
+  read from the shapes (:func:`encoders.id.photomaker.lora_rank`). The key maps
   onto the linear ``<processor>.to_q`` ... ``<processor>.to_out.0``, exactly as
   diffusers' ``load_lora_weights`` converts it
-  (:func:`encoders.photomaker.peft_lora_key`). Coverage is not required (the
+  (:func:`encoders.id.photomaker.peft_lora_key`). Coverage is not required (the
   manifest only *assumes* all 140 processors are covered).
 * **StoryMaker** ``ip_adapter`` (``mask.bin``): keyed by **index** into the
   UNet's processor list (``list(unet.attn_processors)``, the fixed order in
@@ -156,7 +156,7 @@ def plan_photomaker_lora(shapes: Mapping[str, Sequence[int]],
     with matching ``in``/``out``; one rank throughout. Raises ModelUnavailable
     listing every problem.
     """
-    from encoders.photomaker import inspect_lora, peft_lora_key
+    from encoders.id.photomaker import inspect_lora, peft_lora_key
 
     shapes = {k: tuple(v) for k, v in shapes.items()}
     info = inspect_lora(shapes)  # key pattern, down/up pairs, one rank

@@ -54,6 +54,7 @@ __all__ = [
     "GenerationRecord",
     "IdentityUse",
     "Verification",
+    "audit_generation",
     "build_manifest",
     "canonical_json",
     "pixel_digest",
@@ -191,6 +192,31 @@ def save_signed_png(vault, image: Image.Image, record: GenerationRecord, path: P
     finally:
         tmp.unlink(missing_ok=True)
     return manifest
+
+
+def audit_generation(vault, record: GenerationRecord, manifest: dict, *, generation_id: str,
+                     uses: Sequence[dict], owner: str | None, actor: str,
+                     commercial: bool) -> None:
+    """One ``generate`` audit event per identity (so each identity's own trail shows every
+    use), all sharing ``generation``; one with no subject when the prompt names nobody.
+
+    ``uses``: per identity ``{"handle", "artifact", "method"}``, in order of mention.
+    """
+    details = {"generation": generation_id,
+               "handles": [u["handle"] for u in uses],
+               "artifacts": [u["artifact"] for u in uses],
+               "methods": {u["handle"]: u["method"] for u in uses},
+               "seed": record.seed, "steps": record.steps, "size": list(record.size),
+               "prompt_sha256": record.prompt_sha256, "base_model": record.base_model,
+               "adapters": list(record.adapters), "commercial": commercial,
+               "pixels_sha256": manifest["pixels"]["sha256"]}
+    with vault.session() as s:
+        for u in uses:
+            audit.append(s, "generate", actor=actor, owner=u["handle"].split("/")[0],
+                         subject=u["handle"], details=details)
+        if not uses:
+            audit.append(s, "generate", actor=actor, owner=owner, subject=None,
+                         details=details)
 
 
 STATUSES = ("valid", "altered", "unknown_signature", "no_manifest")

@@ -39,7 +39,8 @@ class DecodedArtifact:
 
     @property
     def shapes(self) -> dict[str, list[int]]:
-        return {k: list(v.shape) for k, v in self.tensors.items()}
+        # By name: safetensors' loader does not promise an order.
+        return {k: list(self.tensors[k].shape) for k in sorted(self.tensors)}
 
 
 def schema(kind: str) -> KindSchema:

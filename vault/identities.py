@@ -7,7 +7,6 @@ identity give the same NotFound so a caller cannot probe other owners' rosters.
 from __future__ import annotations
 
 import datetime as dt
-
 from collections.abc import Sequence
 
 from sqlalchemy import and_, func, or_, select

@@ -2,7 +2,7 @@
 when the job ends.
 
 The vault stores no photos; it stores what encoders computed from them. A
-personalisation fit (``encoders.personalize``) is different: it trains on the
+personalisation fit (``encoders.fitting.jobs``) is different: it trains on the
 photos themselves, and a job may run later, on a worker, and resume after a
 crash. Photos uploaded for such a job are therefore *staged*: each one sealed
 (AES-256-GCM, :mod:`vault.crypto`) with the identity's own DEK, bound by its

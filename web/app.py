@@ -132,7 +132,7 @@ class AppState:
             with self._lock:
                 if self._enroller is None:
                     from encoders.enrollment import Enroller
-                    from encoders.face_analyzer import FaceAnalyzer
+                    from encoders.face.analyzer import FaceAnalyzer
 
                     analyzer = FaceAnalyzer.from_models_dir(self.config.models_dir,
                                                             pack=self.config.pack)

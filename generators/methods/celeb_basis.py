@@ -8,7 +8,7 @@ it was fitted against (``model_id``). Per identity (METHODS.md section 4):
   (``class_tokens`` = 2) in both SDXL tokenizers; those two positions' *input*
   embeddings are replaced, before each text encoder's transformer, by the
   identity's two token embeddings ``coef_k @ basis_k + mean_k`` of that
-  encoder (:func:`encoders.celeb_basis.token_embeddings`). No token is added
+  encoder (:func:`encoders.fitting.celeb_basis.token_embeddings`). No token is added
   to a tokenizer and no embedding table is touched: the pipeline injects the
   vectors with a forward hook on the token-embedding module for the call.
 * The two positions are the identity's text-fused tokens: the regional
@@ -23,7 +23,7 @@ it was fitted against (``model_id``). Per identity (METHODS.md section 4):
   the exported file gives (tested).
 
 Refusals, all before any UNet work: no artifact fitted against this base
-model (``model_id``, :func:`encoders.personalize.base_model_id`), and, after
+model (``model_id``, :func:`encoders.base_model_id.base_model_id`), and, after
 decryption, a ``basis_id`` the vault does not hold or a basis without a tensor
 for each text encoder (an SD1.x basis for SDXL).
 """
@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
-from generators.methods import IdentityRequest
+from generators.methods.base import IdentityRequest
 from generators.methods.fitted import FittedMethod
 from vault.errors import InvalidInput, NotFound
 
@@ -57,7 +57,7 @@ class CelebBasisMethod(FittedMethod):
 
     def prepare(self, requests: Sequence[IdentityRequest]) -> None:
         """Resolve each artifact's basis and compute its token embeddings."""
-        from encoders.celeb_basis import ENCODER_KEYS, load_basis, token_embeddings
+        from encoders.fitting.celeb_basis import ENCODER_KEYS, load_basis, token_embeddings
 
         encoders = dict(zip(ENCODER_KEYS, (self.pipe.text_encoder, self.pipe.text_encoder_2),
                             strict=True))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from generators.methods import IdentityMethod, IdentityRequest
+from generators.methods.base import IdentityMethod, IdentityRequest
 from vault.errors import InvalidInput
 
 

@@ -1,7 +1,7 @@
 """LiDB as an identity method: a per-identity low-rank delta confined to its region.
 
 A ``lidb`` artifact holds the train factors, the aux seed and the layer list
-(:class:`encoders.lidb.LidbWeights`) for the base model named by its
+(:class:`encoders.fitting.lidb.LidbWeights`) for the base model named by its
 ``model_id``. Each layer's delta ``dW = up @ down`` (rank r) is added as a
 forward hook on the layer's ``nn.Linear`` while the call runs -- no weight is
 changed, nothing is merged, and the hooks are removed afterwards (also on
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from generators.methods import IdentityRequest, Scene
+from generators.methods.base import IdentityRequest, Scene
 from generators.methods.fitted import FittedMethod
 from vault.errors import InvalidInput
 
@@ -73,13 +73,13 @@ class LidbMethod(FittedMethod):
 
     def load(self, unet) -> None:
         if self._shapes is None:
-            from encoders.lidb import lidb_layers
+            from encoders.fitting.lidb import lidb_layers
 
             self._shapes = lidb_layers(self.pipe.unet,
                                        [self.pipe.text_encoder, self.pipe.text_encoder_2])
 
     def prepare(self, requests: Sequence[IdentityRequest]) -> None:
-        from encoders.lidb import LidbWeights
+        from encoders.fitting.lidb import LidbWeights
 
         self._factors.clear()
         for r in requests:
@@ -103,7 +103,7 @@ class LidbMethod(FittedMethod):
     @contextlib.contextmanager
     def _hooks(self, requests: Sequence[IdentityRequest], scene: Scene, *,
                text_encoders: bool) -> Iterator[None]:
-        from encoders.lidb import resolve
+        from encoders.fitting.lidb import resolve
 
         roots = self._roots()
         per_layer: dict[str, list] = {}

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from generators.lora import LoraWeights, attention_linears, plan_photomaker_lora
-from generators.methods import IdentityMethod, IdentityRequest
+from generators.methods.base import IdentityMethod, IdentityRequest
 from vault.errors import InvalidInput, ModelUnavailable
 
 __all__ = ["PhotoMakerMethod", "PhotoMakerSettings"]
@@ -61,7 +61,7 @@ class PhotoMakerSettings:
 @dataclass
 class _Loaded:
     version: str
-    fuse: torch.nn.Module  # encoders.photomaker.FuseModule
+    fuse: torch.nn.Module  # encoders.id.photomaker.FuseModule
     lora: LoraWeights
 
 
@@ -85,10 +85,10 @@ class PhotoMakerMethod(IdentityMethod):
     def checkpoints(self) -> dict[str, tuple[str, Path]]:
         """``{model_id: (version, path)}`` of the PhotoMaker files in the models folder.
 
-        Hashes each file once per process (encoders.id_checkpoints.file_digest).
+        Hashes each file once per process (encoders.id.checkpoints.file_digest).
         Raises ModelUnavailable (saying where it looked) when there is none.
         """
-        from encoders.id_checkpoints import file_digest, find_checkpoint
+        from encoders.id.checkpoints import file_digest, find_checkpoint
 
         found: dict[str, tuple[str, Path]] = {}
         errors: list[ModelUnavailable] = []
@@ -152,13 +152,13 @@ class PhotoMakerMethod(IdentityMethod):
             raise InvalidInput("PhotoMaker: select() comes before load()")
         if self._selected in self._loaded:
             return
-        from encoders.id_checkpoints import is_stand_in
-        from encoders.photomaker import FuseModule, PhotoMakerConfig, read_photomaker_checkpoint
+        from encoders.id.checkpoints import is_stand_in
+        from encoders.id.photomaker import FuseModule, PhotoMakerConfig, read_photomaker_checkpoint
 
         version, path = self.checkpoints()[self._selected]
         config = PhotoMakerConfig()
         if is_stand_in(path):
-            from encoders.tiny_id_models import TINY_PHOTOMAKER
+            from encoders.id.photomaker import TINY_PHOTOMAKER
 
             config = TINY_PHOTOMAKER
         # Checks every id_encoder key and shape and the LoRA layout, strictly.
@@ -179,7 +179,7 @@ class PhotoMakerMethod(IdentityMethod):
 
     # -- conditioning ----------------------------------------------------------------------
     def class_tokens(self, request: IdentityRequest) -> int:
-        from encoders.photomaker import tokens_per_photo
+        from encoders.id.photomaker import tokens_per_photo
 
         photos, tokens, _ = request.tensors["id_embeds"].shape  # (N, 1|2, 2048)
         version = self._current().version
@@ -211,7 +211,7 @@ class PhotoMakerMethod(IdentityMethod):
 def _read_lora(path: Path) -> dict[str, torch.Tensor]:
     """The ``lora_weights`` tensors of a ``.bin`` (weights_only, memory-mapped) or the
     flat ``.safetensors`` variant."""
-    from encoders.id_checkpoints import read_pickle_checkpoint
+    from encoders.id.checkpoints import read_pickle_checkpoint
 
     if path.suffix == ".safetensors":
         from safetensors import safe_open

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from generators.lora import LoraWeights, attention_linears, plan_storymaker_lora
-from generators.methods import IdentityMethod, IdentityRequest, ImageTokens
+from generators.methods.base import IdentityMethod, IdentityRequest, ImageTokens
 from vault.errors import InvalidInput
 
 __all__ = ["StoryMakerMethod", "StoryMakerSettings"]
@@ -48,7 +48,7 @@ class StoryMakerSettings:
 
 @dataclass
 class _Loaded:
-    image_proj: torch.nn.Module  # encoders.storymaker.StoryMakerImageProj
+    image_proj: torch.nn.Module  # encoders.id.storymaker.StoryMakerImageProj
     lora: LoraWeights
     projections: dict[str, torch.Tensor]  # "<index>.to_k_ip.weight" -> (hidden, 2048)
     negatives: dict[int, torch.Tensor] = field(default_factory=dict)  # characters -> tokens
@@ -73,17 +73,17 @@ class StoryMakerMethod(IdentityMethod):
     # -- checkpoint ----------------------------------------------------------------------
     def checkpoint(self) -> tuple[str, Path]:
         """``("storymaker/mask.bin@<sha256[:16]>", path)``; ModelUnavailable when absent."""
-        from encoders.id_checkpoints import file_digest, find_checkpoint
+        from encoders.id.checkpoints import file_digest, find_checkpoint
 
         path = find_checkpoint("storymaker", self.models_dir)
         return f"storymaker/{path.name}@{file_digest(path)[:16]}", path
 
     def _config(self, path: Path):
-        from encoders.id_checkpoints import is_stand_in
-        from encoders.storymaker import StoryMakerConfig
+        from encoders.id.checkpoints import is_stand_in
+        from encoders.id.storymaker import StoryMakerConfig
 
         if is_stand_in(path):
-            from encoders.tiny_id_models import TINY_STORYMAKER
+            from encoders.id.storymaker import TINY_STORYMAKER
 
             return TINY_STORYMAKER
         return StoryMakerConfig()
@@ -137,11 +137,11 @@ class StoryMakerMethod(IdentityMethod):
             raise InvalidInput("StoryMaker: select() comes before load()")
         if self._selected in self._loaded:
             return
-        from encoders.id_checkpoints import read_pickle_checkpoint, shapes_of
-        from encoders.storymaker import load_storymaker
+        from encoders.id.checkpoints import read_pickle_checkpoint, shapes_of
+        from encoders.id.storymaker import load_storymaker
 
         _, path = self.checkpoint()
-        # Strict: every image_proj_model key and shape (encoders.storymaker).
+        # Strict: every image_proj_model key and shape (encoders.id.storymaker).
         image_proj, _ = load_storymaker(path, self._config(path), device=self.device,
                                         dtype=self.dtype)
         ip = read_pickle_checkpoint(path, "StoryMaker checkpoint")["ip_adapter"]

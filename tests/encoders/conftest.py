@@ -1,6 +1,6 @@
 """Fixtures for the encoder tests: stand-in face packs built once per session.
 
-The tiny pack (``encoders.tiny_models``) takes well under a second to write;
+The tiny pack (``encoders.standins.face_pack``) takes well under a second to write;
 the full-size ArcFace R50 export takes ~10-30 s, so it is built only when a
 ``slow`` test asks for it.
 """
@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from encoders.face_pack import find_face_pack
+from encoders.face.pack import find_face_pack
 
 
 @pytest.fixture(scope="session")
 def tiny_pack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from encoders.tiny_models import write_tiny_face_pack
+    from encoders.standins.face_pack import write_tiny_face_pack
 
     return write_tiny_face_pack(tmp_path_factory.mktemp("tiny_pack") / "models" / "buffalo_l")
 
 
 @pytest.fixture(scope="session")
 def analyzer(tiny_pack_dir: Path):
-    from encoders.face_analyzer import FaceAnalyzer
+    from encoders.face.analyzer import FaceAnalyzer
 
     return FaceAnalyzer(find_face_pack(tiny_pack_dir))
 
@@ -32,7 +32,7 @@ def analyzer(tiny_pack_dir: Path):
 @pytest.fixture(scope="session")
 def r50_pack_dir(tmp_path_factory: pytest.TempPathFactory, tiny_pack_dir: Path) -> Path:
     """A buffalo_l-layout pack: the tiny detector plus a random full-size ArcFace R50."""
-    from encoders.arcface_r50 import export_random_arcface_r50
+    from encoders.standins.arcface_r50 import export_random_arcface_r50
 
     directory = tmp_path_factory.mktemp("r50_pack")
     shutil.copy(tiny_pack_dir / "det_10g.onnx", directory / "det_10g.onnx")
@@ -54,7 +54,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny diffusers SD1.5 pipeline folder (generators.tiny_pipelines)."""
-    from generators.tiny_pipelines import write_tiny_sd15
+    """A tiny diffusers SD1.5 pipeline folder (generators.standins.pipelines)."""
+    from generators.standins.pipelines import write_tiny_sd15
 
     return write_tiny_sd15(tmp_path_factory.mktemp("tiny_sd15") / "sd15")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from encoders.enrollment import Enroller, face_model_id
-from encoders.synthetic_faces import SyntheticFace, synthetic_face, synthetic_photo
+from encoders.standins.synthetic_faces import SyntheticFace, synthetic_face, synthetic_photo
 from tests.helpers import consent
 from vault.errors import DuplicateIdentity, InvalidInput, PhotoRejected
 
@@ -103,7 +103,7 @@ def test_twin_is_held_for_review_then_accepted(enroller, family):
 
 @pytest.fixture(scope="module")
 def id_models(tmp_path_factory):
-    from encoders.tiny_id_models import write_tiny_id_models
+    from encoders.standins.id_models import write_tiny_id_models
 
     root = tmp_path_factory.mktemp("id_models")
     write_tiny_id_models(root)

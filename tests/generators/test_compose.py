@@ -1,6 +1,6 @@
 """ComposePipeline end to end on the tiny generation stand-ins (generators.compose).
 
-The models folder is written once (generators.tiny_generation: ``sdxl-tiny``
+The models folder is written once (generators.standins.generation: ``sdxl-tiny``
 with 2048-wide text conditioning, PhotoMaker/StoryMaker checkpoints whose
 LoRAs fit it). Identities get random artifacts in the real schemas, made
 "with" those checkpoints (their model ids), so the vault, consent, method
@@ -24,7 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generators.compose import ComposePipeline, tokenize_prompt
+from generators.compose import ComposePipeline
+from generators.prompt_tokens import tokenize_prompt
 from generators.layout import MaskConfig, grid_for_length, parse_layout
 from generators.methods.photomaker import PhotoMakerSettings
 from generators.provenance import verify_image
@@ -46,7 +47,7 @@ PROMPT = "a photo of @smiths/ana:girl and @smiths/ben hiking in the alps"
 @functools.lru_cache(maxsize=1)
 def tiny_generation_models() -> Path:
     """The stand-ins, written once per test process (also used by tests/web)."""
-    from generators.tiny_generation import write_tiny_generation_models
+    from generators.standins.generation import write_tiny_generation_models
 
     root = Path(tempfile.mkdtemp(prefix="idvault-gen-models-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
@@ -55,7 +56,7 @@ def tiny_generation_models() -> Path:
 
 
 def model_ids(models: Path) -> dict[str, str]:
-    from encoders.id_checkpoints import file_digest
+    from encoders.id.checkpoints import file_digest
 
     out = {}
     for key, name in (("v1", "photomaker-v1.bin"), ("v2", "photomaker-v2.bin")):
@@ -278,8 +279,8 @@ def test_refusals_come_before_any_unet_work(env, prompt, kwargs, error, message)
 
 
 def test_absent_or_misfit_checkpoints_are_model_unavailable(env, tmp_path) -> None:
-    from encoders.id_checkpoints import file_digest
-    from encoders.tiny_id_models import write_tiny_photomaker
+    from encoders.id.checkpoints import file_digest
+    from encoders.standins.id_models import write_tiny_photomaker
 
     empty = ComposePipeline(env.pipe.pipe, vault=env.vault, models_dir=tmp_path / "none",
                             base_model_id="test")
@@ -375,8 +376,7 @@ def test_photomaker_single_identity_equals_the_official_method(env) -> None:
     trigger-word prompt rewrite, SDXL encoding, FuseModule and ``i <= start_merge_step``."""
     from diffusers import StableDiffusionXLPipeline
 
-    from encoders.photomaker import expand_class_tokens, load_photomaker
-    from encoders.tiny_id_models import TINY_PHOTOMAKER
+    from encoders.id.photomaker import TINY_PHOTOMAKER, expand_class_tokens, load_photomaker
 
     with env.photomaker(start_merge_step=0) as pipe, UNetCalls(pipe.pipe.unet) as calls:
         pipe("a photo of @smiths/ana:girl hiking in the alps", seed=11, steps=2,
@@ -468,8 +468,7 @@ def test_storymaker_single_identity_equals_the_official_method(env) -> None:
     negative, decoupled attention at 0.8 and the rank-r LoRA at 0.8 on every processor."""
     from diffusers import StableDiffusionXLPipeline
 
-    from encoders.storymaker import NEGATIVE_POSITIONS, load_storymaker
-    from encoders.tiny_id_models import TINY_STORYMAKER
+    from encoders.id.storymaker import NEGATIVE_POSITIONS, TINY_STORYMAKER, load_storymaker
 
     with UNetCalls(env.pipe.pipe.unet) as calls:
         env.pipe("a photo of @smiths/ben hiking in the alps", seed=12, steps=1,

@@ -29,8 +29,8 @@ class PEnv(Env):
 
     def __init__(self, root) -> None:
         super().__init__(root)
-        from encoders.celeb_basis import CelebBasisObject, store_basis
-        from encoders.lidb import lidb_layers
+        from encoders.fitting.celeb_basis import CelebBasisObject, store_basis
+        from encoders.fitting.lidb import lidb_layers
 
         sd = self.pipe.pipe
         g = torch.Generator().manual_seed(0)
@@ -46,8 +46,8 @@ class PEnv(Env):
     def fitted(self, handle: str, *, celeb_basis: bool = False, lidb: bool = False,
                basis_id: str | None = None, model_id: str | None = None) -> None:
         """(Re)write the identity's fitted artifacts with fresh random tensors."""
-        from encoders.celeb_basis import coefficients_payload
-        from encoders.lidb import LidbWeights
+        from encoders.fitting.celeb_basis import coefficients_payload
+        from encoders.fitting.lidb import LidbWeights
 
         self.seed += 1
         g = torch.Generator().manual_seed(1000 + self.seed)
@@ -144,7 +144,7 @@ def _fresh_sdxl(env):
 def test_lidb_single_full_frame_equals_load_lora_weights(env, tmp_path) -> None:
     """One LiDB identity, full frame: the first step's UNet output (and the prompt
     embeddings) equal diffusers with the exported LoRA file loaded."""
-    from encoders.exports import export
+    from encoders.fitting.exports import export
 
     handle = _person(env, "smiths/lidb-solo", lidb=True)
     sd = env.pipe.pipe
@@ -180,8 +180,8 @@ def test_lidb_single_full_frame_equals_load_lora_weights(env, tmp_path) -> None:
 def test_celeb_basis_single_full_frame_equals_load_textual_inversion(env, tmp_path) -> None:
     """One Celeb Basis identity, full frame: the prompt embeddings (both encoders' hidden
     states and the pooled one) equal diffusers with the exported TI file loaded."""
-    from encoders import textual_inversion as ti
-    from encoders.exports import export
+    from encoders.fitting import textual_inversion as ti
+    from encoders.fitting.exports import export
 
     handle = _person(env, "smiths/cb-solo", celeb_basis=True)
     sd = env.pipe.pipe

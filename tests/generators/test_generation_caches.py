@@ -1,7 +1,7 @@
 """What ComposePipeline keeps between calls, and when it must not use it.
 
 Two caches make a repeated call cheaper (generators.lora.MergeCache: merged
-LoRA weights; generators.compose._Encodings: prompt encodings). These tests
+LoRA weights; generators.prompt_encoding.Encodings: prompt encodings). These tests
 hold them to their promises: a cached call gives bit for bit what an uncached
 pipeline gives; a changed base weight, LoRA tensor, text-encoder weight or a
 hook on a text encoder is noticed; a replaced artifact is used at once; and
@@ -16,8 +16,13 @@ import pytest
 import torch
 
 from generators.compose import ComposeConfig, ComposePipeline
-from generators.lora import AppliedLoras, LoraWeights, MergeCache, attention_linears, \
-    plan_photomaker_lora
+from generators.lora import (
+    AppliedLoras,
+    LoraWeights,
+    MergeCache,
+    attention_linears,
+    plan_photomaker_lora,
+)
 from tests.generators.test_compose import Env, UNetCalls, _state
 from vault import audit
 from vault.errors import ConsentWithdrawn, NotFound
@@ -44,8 +49,8 @@ def uncached(env) -> ComposePipeline:
 
 # -- merged LoRA weights ------------------------------------------------------------------------
 def _tiny_lora(seed: int):
-    from generators.tiny_generation import TINY_GENERATION_SDXL, tiny_lora_weights_for
-    from generators.tiny_pipelines import build_tiny_sdxl_unet
+    from generators.standins.generation import TINY_GENERATION_SDXL, tiny_lora_weights_for
+    from generators.standins.pipelines import build_tiny_sdxl_unet
 
     unet = build_tiny_sdxl_unet(TINY_GENERATION_SDXL)
     state = tiny_lora_weights_for(unet, seed=seed)
@@ -116,7 +121,7 @@ def test_cached_calls_equal_an_uncached_pipeline_bit_for_bit(env, uncached) -> N
     scoped = env.pipe(PROMPT, seed=5, steps=2, method="photomaker", owner="smiths")
     assert np.array_equal(np.asarray(scoped.image), np.asarray(_run(
         uncached, method="photomaker")[0].image))
-    assert {key[0] for key in env.pipe._encodings._entries} == {None, "smiths"}
+    assert env.pipe.encode.cache.scopes() == {None, "smiths"}
     assert all(unet.attn_processors[n] is p for n, p in processors.items())
     now = unet.state_dict()
     assert all(torch.equal(v, now[k]) for k, v in weights.items())

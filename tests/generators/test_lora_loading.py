@@ -113,7 +113,7 @@ def test_storymaker_ip_adapter_maps_by_index_onto_the_processor_order(full_unet,
 @pytest.fixture(scope="module")
 def tiny_layouts():
     """The tiny generation UNet (meta) and stand-in LoRA layouts that fit it."""
-    from generators.tiny_generation import (
+    from generators.standins.generation import (
         tiny_ip_adapter_for,
         tiny_lora_weights_for,
         tiny_sdxl_unet_on_meta,
@@ -180,8 +180,8 @@ def test_applying_equals_diffusers_load_lora_weights_and_restores_exactly() -> N
     converted by diffusers, via peft) at weight 1.0. Ours, fused or as hooks, must match,
     and leave the UNet as it was."""
     pytest.importorskip("peft")
-    from generators.tiny_generation import TINY_GENERATION_SDXL, tiny_lora_weights_for
-    from generators.tiny_pipelines import build_tiny_sdxl_unet
+    from generators.standins.generation import TINY_GENERATION_SDXL, tiny_lora_weights_for
+    from generators.standins.pipelines import build_tiny_sdxl_unet
 
     unet = build_tiny_sdxl_unet(TINY_GENERATION_SDXL)
     state = tiny_lora_weights_for(unet, seed=3)

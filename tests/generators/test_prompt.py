@@ -108,7 +108,7 @@ def test_prompt_digest_is_of_the_raw_prompt() -> None:
 
 
 def test_token_positions_point_at_the_placeholder_tokens() -> None:
-    from generators.tiny_pipelines import tiny_clip_tokenizer
+    from generators.standins.pipelines import tiny_clip_tokenizer
 
     tok = tiny_clip_tokenizer()
     p = parse_prompt("a photo of @smiths/ana:girl and @smiths/ben:man hiking")
@@ -119,7 +119,7 @@ def test_token_positions_point_at_the_placeholder_tokens() -> None:
 
 
 def test_token_positions_refuse_mentions_beyond_the_context() -> None:
-    from generators.tiny_pipelines import tiny_clip_tokenizer
+    from generators.standins.pipelines import tiny_clip_tokenizer
 
     tok = tiny_clip_tokenizer()
     p = parse_prompt("photo " * 80 + "@smiths/ana")

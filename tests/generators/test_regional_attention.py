@@ -1,7 +1,7 @@
 """Regional identity cross-attention (generators.regional_attention) on a tiny SDXL UNet.
 
 The UNet has SDXL's block structure with tiny widths and random, seed-fixed
-weights (generators.tiny_pipelines). Latents are 8x16 (a 64x128 px image), so
+weights (generators.standins.pipelines). Latents are 8x16 (a 64x128 px image), so
 SDXL's cross-attention runs at 4x8 (/2) and 2x4 (/4), and the non-square
 aspect checks that processors recover each layer's grid from its length.
 """
@@ -21,7 +21,7 @@ from generators.regional_attention import (
     RegionalConfig,
     cfg_text_rows,
 )
-from generators.tiny_pipelines import TinySDXLConfig, build_tiny_sdxl, build_tiny_sdxl_unet
+from generators.standins.pipelines import TinySDXLConfig, build_tiny_sdxl, build_tiny_sdxl_unet
 from vault.errors import InvalidInput
 
 LATENT = (8, 16)

@@ -1,6 +1,6 @@
 """The docs say what the code does: these tests fail when the two drift apart.
 
-Each check reads the code's own declarations (the click tree of ``web.cli``,
+Each check reads the code's own declarations (the click tree of ``web.cli.main``,
 ``vault.config.Settings``, ``vault.consent``, ``vault.artifact_kinds``...)
 and looks for them in docs/*.md, and the other way round where the docs name
 things (commands, options, variables) that must exist.
@@ -26,9 +26,9 @@ from vault.config import ENV_VARS, KEY_PROVIDERS, Settings
 from vault.consent import FIELDS, GIVEN_BY, PURPOSES, ConsentRequest
 from vault.keyprovider import EnvKeyProvider, PassphraseKeyProvider
 from vault.models import ERASE_POLICIES
-from web.cli import cli, main
-from web.cli_common import EXIT_CODES
-from web.cli_faces import EXIT_DIFFERENT
+from web.cli.common import EXIT_CODES
+from web.cli.faces import EXIT_DIFFERENT
+from web.cli.main import cli, main
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -148,7 +148,7 @@ def test_exit_codes_are_documented():
     for cls, code in EXIT_CODES:
         assert code in rows, f"exit code {code} ({cls.__name__}) is not in docs/cli.md"
         assert cls.__name__ in rows[code], f"exit code {code} row does not name {cls.__name__}"
-    # 0, 2 (click usage errors) and 130 (Ctrl-C) come from web.cli.main itself;
+    # 0, 2 (click usage errors) and 130 (Ctrl-C) come from web.cli.main.main itself;
     # 11 is verify-face's "a different person".
     assert set(rows) <= {code for _, code in EXIT_CODES} | {0, 2, EXIT_DIFFERENT, 130}
 
@@ -169,9 +169,9 @@ def test_help_runs(path):
 def known_variables() -> set[str]:
     names = set(ENV_VARS.values())
     names |= {EnvKeyProvider.VAR, PassphraseKeyProvider.VAR, PassphraseKeyProvider.NEW_VAR}
-    # Variables the code reads by literal name (e.g. IDVAULT_DEBUG in web/cli.py).
-    for package in ("vault", "web"):
-        for source in (ROOT / package).glob("*.py"):
+    # Variables the code reads by literal name (e.g. IDVAULT_DEBUG in web/cli/main.py).
+    for package in ("vault", "encoders", "generators", "web"):
+        for source in (ROOT / package).rglob("*.py"):
             names |= set(re.findall(r"environ(?:\.get\(|\[)\s*[\"'](IDVAULT_[A-Z_]+)[\"']",
                                     source.read_text()))
     return names

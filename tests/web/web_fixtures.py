@@ -14,7 +14,7 @@ import pytest
 from argon2 import PasswordHasher
 from PIL import Image
 
-from encoders.synthetic_faces import synthetic_face
+from encoders.standins.synthetic_faces import synthetic_face
 from tests.helpers import consent_doc
 from vault import accounts, api_keys
 from vault.vault import Vault

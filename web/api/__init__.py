@@ -1,175 +1,35 @@
 """The JSON API, version 1: one blueprint per area, all under ``/v1``.
 
-Each route is declared with :meth:`ApiBlueprint.op`, which registers the
-Flask view and records its OpenAPI operation (summary, parameters, request
-body, responses, the scope it needs) in one place; ``web.openapi`` builds
-``/v1/openapi.json`` from those records and a test checks that every
-``/v1`` route of the app is in the document and the other way round.
+The areas declare their routes with :class:`web.api.blueprint.ApiBlueprint`;
+this module only gathers them.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from flask import Blueprint
 
-from flask import Blueprint, request
+from web.api import (
+    artifacts,
+    audit,
+    enrollment,
+    generation,
+    identities,
+    jobs,
+    keys,
+    meta,
+    owner,
+    personalization,
+    reviews,
+)
+from web.api.blueprint import ApiBlueprint
 
-from vault.errors import InvalidInput
-from web.errors import UnsupportedMediaType
-
-
-@dataclass
-class Operation:
-    rule: str  # Flask rule, relative to /v1
-    method: str
-    operation_id: str
-    summary: str
-    tag: str
-    scope: str | None  # API scope needed (None: any authenticated caller)
-    public: bool = False
-    description: str = ""
-    parameters: list[dict] = field(default_factory=list)
-    query: list[dict] = field(default_factory=list)
-    body: dict | None = None  # OpenAPI requestBody
-    responses: dict = field(default_factory=dict)
-
-
-class ApiBlueprint(Blueprint):
-    """A blueprint whose routes carry their OpenAPI description."""
-
-    def __init__(self, name: str, import_name: str, *, tag: str) -> None:
-        super().__init__(name, import_name)
-        self.tag = tag
-        self.operations: list[Operation] = []
-
-    def op(self, rule: str, method: str, *, summary: str, scope: str | None,
-           responses: dict, public: bool = False, description: str = "",
-           query: list[dict] | None = None, body: dict | None = None,
-           path_params: dict[str, dict] | None = None) -> Callable:
-        def deco(fn: Callable) -> Callable:
-            names = re.findall(r"<(?:[a-z]+:)?([a-z_]+)>", rule)
-            params = [{"name": n, "in": "path", "required": True,
-                       "schema": (path_params or {}).get(n, {"type": "string"})}
-                      for n in names]
-            self.operations.append(Operation(
-                rule, method, fn.__name__, summary, self.tag, scope, public, description,
-                params, query or [], body, responses))
-            self.add_url_rule(rule, endpoint=fn.__name__, view_func=fn, methods=[method])
-            return fn
-
-        return deco
-
-
-# -- request helpers ------------------------------------------------------------------------
-def json_body(*, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict:
-    """The request's JSON object, with only the named fields (unknown ones refused)."""
-    if not request.is_json:
-        raise UnsupportedMediaType("send a JSON object with 'Content-Type: application/json'")
-    try:
-        doc = json.loads(request.get_data(cache=True) or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidInput("the body is not valid JSON: nested too deeply") from None
-    if not isinstance(doc, dict):
-        raise InvalidInput("the body must be a JSON object")
-    unknown = sorted(set(doc) - set(required) - set(optional))
-    if unknown:
-        raise InvalidInput(f"unknown field(s): {', '.join(unknown)} (fields: "
-                           f"{', '.join((*required, *optional))})", fields=unknown)
-    missing = [k for k in required if k not in doc]
-    if missing:
-        raise InvalidInput(f"missing field(s): {', '.join(missing)}", fields=missing)
-    return doc
-
-
-def string_field(doc: dict, key: str, *, max_len: int = 200, required: bool = True,
-                 allow_empty: bool = False) -> str | None:
-    value = doc.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or (not allow_empty and not value.strip()) \
-            or len(value) > max_len:
-        raise InvalidInput(f"'{key}' must be a string of 1 to {max_len} characters")
-    return value
-
-
-def int_arg(name: str, default: int, *, lo: int, hi: int) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInput(f"query parameter '{name}' must be an integer") from None
-    if not lo <= value <= hi:
-        raise InvalidInput(f"query parameter '{name}' must be between {lo} and {hi}")
-    return value
-
-
-def choice_arg(name: str, choices: tuple[str, ...], default: str | None) -> str | None:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    if raw not in choices:
-        raise InvalidInput(f"query parameter '{name}' must be one of {', '.join(choices)}")
-    return raw
-
-
-# -- OpenAPI building blocks used by the area modules ----------------------------------------------
-def ref(name: str) -> dict:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def json_response(description: str, schema: dict) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def json_request(schema: dict, description: str = "") -> dict:
-    return {"required": True, "description": description,
-            "content": {"application/json": {"schema": schema}}}
-
-
-def query_param(name: str, schema: dict, description: str) -> dict:
-    return {"name": name, "in": "query", "required": False, "schema": schema,
-            "description": description}
-
-
-def items_of(name: str) -> dict:
-    return {"type": "object", "required": ["items"],
-            "properties": {"items": {"type": "array", "items": ref(name)}}}
-
-
-# Names: 1-32 of a-z, 0-9 and '-', starting with a letter, no '--', no trailing '-'
-# (vault/handles.py; reserved words are refused too, with 400).
-NAME_PATTERN = "^[a-z](-?[a-z0-9]){0,15}$"
-HANDLE_PARAMS = {"owner": {"type": "string", "pattern": NAME_PATTERN, "example": "smiths"},
-                 "name": {"type": "string", "pattern": NAME_PATTERN, "example": "ana"}}
-
-
-def _areas() -> list:
-    from web.api import (
-        artifacts,
-        audit,
-        enrollment,
-        generation,
-        identities,
-        jobs,
-        keys,
-        meta,
-        owner,
-        personalization,
-        reviews,
-    )
-
-    return [meta, owner, identities, enrollment, artifacts, reviews, jobs, generation,
-            personalization, audit, keys]
+# The order of the OpenAPI document's tags.
+AREAS = (meta, owner, identities, enrollment, artifacts, reviews, jobs, generation,
+         personalization, audit, keys)
 
 
 def area_blueprints() -> list[ApiBlueprint]:
-    return [m.bp for m in _areas()]
+    return [m.bp for m in AREAS]
 
 
 def create_api_blueprint() -> Blueprint:
@@ -178,10 +38,3 @@ def create_api_blueprint() -> Blueprint:
     for bp in area_blueprints():
         api.register_blueprint(bp)
     return api
-
-
-def state():
-    """The app's shared state (``web.app.AppState``)."""
-    from flask import current_app
-
-    return current_app.extensions["idvault"]

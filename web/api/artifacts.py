@@ -9,7 +9,7 @@ from pathlib import Path
 from flask import Response, jsonify, request
 
 from vault.errors import InvalidInput, NotFound
-from web.api import (
+from web.api.blueprint import (
     HANDLE_PARAMS,
     ApiBlueprint,
     choice_arg,
@@ -95,7 +95,7 @@ def download_artifact(owner: str, name: str, artifact_id: str):
        query=[MODEL_ID, BASE_MODEL],
        responses={"200": {"description": "a safetensors file", "content": BINARY}})
 def export(owner: str, name: str, export_format: str):
-    from encoders import exports
+    from encoders.fitting import exports
 
     p = require("artifacts:read")
     handle = handle_in_owner(p, owner, name)

@@ -7,7 +7,7 @@ from flask import jsonify, request
 from vault import audit
 from vault.errors import InvalidInput
 from vault.handles import Handle
-from web.api import ApiBlueprint, int_arg, json_response, query_param, ref, state
+from web.api.blueprint import ApiBlueprint, int_arg, json_response, query_param, ref, state
 from web.auth import require
 
 bp = ApiBlueprint("audit", __name__, tag="audit")

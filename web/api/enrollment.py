@@ -16,7 +16,7 @@ from flask import jsonify, request
 
 from vault import identities
 from vault.errors import InvalidInput, NotFound, PhotoRejected
-from web.api import HANDLE_PARAMS, ApiBlueprint, json_response, ref, state
+from web.api.blueprint import HANDLE_PARAMS, ApiBlueprint, json_response, ref, state
 from web.api.identities import parse_consent
 from web.auth import handle_in_owner, require
 from web.errors import UnsupportedMediaType

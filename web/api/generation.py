@@ -15,7 +15,7 @@ from PIL import Image
 from generators.provenance import verify_image
 from vault.errors import InvalidInput
 from web import generation
-from web.api import ApiBlueprint, json_body, json_request, json_response, ref, state
+from web.api.blueprint import ApiBlueprint, json_body, json_request, json_response, ref, state
 from web.auth import require
 from web.errors import UnsupportedMediaType
 

@@ -14,7 +14,7 @@ from vault.consent import FIELDS, ConsentRequest
 from vault.errors import InvalidConsent, InvalidInput
 from vault.handles import validate_name
 from vault.models import IDENTITY_STATUSES, Identity
-from web.api import (
+from web.api.blueprint import (
     HANDLE_PARAMS,
     ApiBlueprint,
     choice_arg,

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from flask import jsonify, request
 
-from encoders.personalize import JOB_KINDS
+from encoders.fitting.jobs import JOB_KINDS
 from vault.errors import InvalidInput
 from vault.jobs import describe_kinds
 from vault.models import JOB_STATUSES
-from web.api import (
+from web.api.blueprint import (
     ApiBlueprint,
     choice_arg,
     int_arg,

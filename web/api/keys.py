@@ -9,7 +9,7 @@ from flask import jsonify
 from vault import api_keys
 from vault.errors import InvalidInput, NotFound
 from vault.models import utcnow
-from web.api import (
+from web.api.blueprint import (
     ApiBlueprint,
     items_of,
     json_body,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from flask import jsonify
+from flask import current_app, jsonify
 
-from web.api import ApiBlueprint, json_response, ref
+from web.api.blueprint import ApiBlueprint, json_response, ref
+from web.api.openapi import build_document
 from web.auth import require
 
 bp = ApiBlueprint("meta", __name__, tag="meta")
@@ -13,9 +14,9 @@ bp = ApiBlueprint("meta", __name__, tag="meta")
 @bp.op("/openapi.json", "GET", summary="This API's OpenAPI 3 document", scope=None,
        public=True, responses={"200": json_response("the document", {"type": "object"})})
 def openapi_document():
-    from web.openapi import build_document
-
-    return jsonify(build_document())
+    # The app's own area blueprints, in registration order (nested: "api.<area>").
+    areas = [bp for bp in current_app.blueprints.values() if isinstance(bp, ApiBlueprint)]
+    return jsonify(build_document(areas))
 
 
 @bp.op("/health", "GET", summary="Liveness: the server answers (no authentication)",

@@ -6,7 +6,15 @@ from flask import jsonify
 
 from vault import accounts, identities
 from vault.errors import NotFound
-from web.api import ApiBlueprint, items_of, json_body, json_request, json_response, ref, state
+from web.api.blueprint import (
+    ApiBlueprint,
+    items_of,
+    json_body,
+    json_request,
+    json_response,
+    ref,
+    state,
+)
 from web.auth import require
 
 bp = ApiBlueprint("owner", __name__, tag="owner")

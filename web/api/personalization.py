@@ -20,11 +20,11 @@ from pathlib import Path
 
 from flask import jsonify, request
 
-import encoders.personalize as personalize
+import encoders.fitting.jobs as personalize
 from encoders.photo import load_photo
 from vault import identities, staged_photos
 from vault.errors import InvalidInput, PhotoRejected
-from web.api import HANDLE_PARAMS, ApiBlueprint, json_response, ref, state
+from web.api.blueprint import HANDLE_PARAMS, ApiBlueprint, json_response, ref, state
 from web.api.enrollment import PHOTOS_SCHEMA, multipart, read_photos
 from web.auth import handle_in_owner, require
 

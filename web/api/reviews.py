@@ -10,7 +10,7 @@ from sqlalchemy.orm import aliased
 from vault import audit, identities
 from vault.errors import NotFound
 from vault.models import REVIEW_STATUSES, Identity, NotSamePair, Review
-from web.api import (
+from web.api.blueprint import (
     ApiBlueprint,
     choice_arg,
     items_of,

@@ -1,0 +1,137 @@
+"""``idvault`` commands that make and check images: ``generate`` and ``verify``.
+
+``generate`` needs the ML extra (torch, diffusers, transformers); the imports
+happen inside the command so the rest of the CLI works without it. ``verify``
+needs only the vault (Pillow and the public signing key).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+
+import click
+
+from vault import errors
+from vault.config import Settings
+from web.cli.common import open_vault, progress_bar, vault_options
+
+METHOD_CHOICES = ("auto", "photomaker", "storymaker", "celeb_basis", "lidb")
+MODELS_HELP = ("Models folder with the identity methods' weights and, unless --base-model is "
+               "given, the SDXL base model [env IDVAULT_MODELS; default: ~/.insightface].")
+
+
+def _size(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    w, sep, h = value.lower().partition("x")
+    try:
+        if not sep:
+            raise ValueError
+        return int(w), int(h)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use WIDTHxHEIGHT, e.g. 1024x768",
+                                 param_hint="--size") from None
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="Where to write the PNG (with its signed provenance manifest).")
+@click.option("--layout", default=None,
+              help="One box per identity: 'ana=0,0,0.5,1;ben=0.5,0,1,1' or JSON (fractions of "
+                   "the image, origin top-left). Default: vertical strips in order of mention.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
+              help="Random seed (default: a random one, printed and recorded).")
+@click.option("--steps", type=click.IntRange(1, 1000), default=30, show_default=True,
+              help="Denoising steps.")
+@click.option("--size", "size_text", default=None, metavar="WxH",
+              help="Image size, multiples of 8 (default: the base model's, 1024x1024 for SDXL).")
+@click.option("--method", type=click.Choice(METHOD_CHOICES), default="auto", show_default=True,
+              help="Identity method for every identity; auto picks per the artifacts and "
+                   "weights available.")
+@click.option("--base-model", default=None, metavar="DIR_OR_HUB_NAME",
+              help="SDXL base model: a diffusers folder or a Hugging Face name (default: the "
+                   "first SDXL folder in the models folder).")
+@click.option("--models", "models_dir", type=click.Path(path_type=Path, file_okay=False),
+              default=None, help=MODELS_HELP)
+@click.option("--owner", "owner_name", default=None,
+              help="Act for this owner: other owners' handles are refused as unknown.")
+@click.option("--commercial", is_flag=True,
+              help="The image is for commercial use: every identity's consent must grant it.")
+@click.option("--negative", "negative_prompt", default=None, help="Negative prompt.")
+@click.option("--guidance", "guidance_scale", type=float, default=5.0, show_default=True,
+              help="Classifier-free guidance scale.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and timings as JSON.")
+@vault_options
+def generate(prompt: str, output: Path, layout: str | None, seed: int | None, steps: int,
+             size_text: str | None, method: str, base_model: str | None,
+             models_dir: Path | None, owner_name: str | None, commercial: bool,
+             negative_prompt: str | None, guidance_scale: float, as_json: bool,
+             settings: Settings) -> None:
+    """Compose one image from PROMPT, with @OWNER/NAME[:class] handles, and sign it.
+
+    Consent (generate, and commercial with --commercial), ownership and the
+    needed artifacts are checked before any model work; every generation is
+    an audit event. The PNG carries a signed provenance manifest (check it
+    with `idvault verify`).
+    """
+    from generators.compose import ComposePipeline
+
+    size = _size(size_text)
+    seed = secrets.randbelow(2**31) if seed is None else seed
+    if not output.parent.is_dir():
+        raise errors.InvalidInput(f"{output.parent} is not a folder")
+    with open_vault(settings) as vault:
+        pipe = ComposePipeline.from_pretrained(base_model, vault=vault, models_dir=models_dir)
+        bar = progress_bar("generating", unit="step")
+        try:
+            result = pipe(prompt, owner=owner_name, layout=layout, seed=seed, steps=steps,
+                          size=size, method=method, commercial=commercial,
+                          negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                          progress=bar)
+        finally:
+            bar.close()
+        manifest = result.save(output)
+    if as_json:
+        click.echo(json.dumps({"output": str(output), "manifest": manifest,
+                               "methods": result.methods,
+                               "timings": {k: round(v, 4) for k, v in result.timings.items()}},
+                              indent=2, sort_keys=True))
+        return
+    who = ", ".join(f"@{h} via {m}" for h, m in result.methods.items()) or "no identity"
+    w, h = manifest["size"]
+    click.echo(f"wrote {output} ({w}x{h}, seed {seed}, {steps} steps, "
+               f"{result.timings['total']:.1f} s): {who}; base model "
+               f"{manifest['base_model']}; signed provenance manifest")
+
+
+@click.command()
+@click.argument("image", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+@vault_options
+def verify(image: Path, as_json: bool, settings: Settings) -> None:
+    """Check IMAGE's provenance manifest: what made it, or that it was altered or signed by a
+    key this vault does not hold. Exits 0 only when valid."""
+    from generators.provenance import verify_image
+
+    with open_vault(settings, check_keys=False) as vault:
+        check = verify_image(vault, image)
+    if as_json:
+        click.echo(json.dumps({"status": check.status, "reason": check.reason,
+                               "message": check.message, "key_id": check.key_id,
+                               "manifest": check.manifest, "details": check.details},
+                              indent=2, sort_keys=True, default=str))
+    else:
+        lines = check.summary()
+        # The verdict of an invalid image goes to stderr as the error; its claims to stdout.
+        for line in lines if check.ok else lines[1:]:
+            click.echo(line)
+    if not check.ok:
+        raise errors.SignatureInvalid(check.message, status=check.status, reason=check.reason)
+
+
+def register(cli: click.Group) -> None:
+    for command in (generate, verify):
+        cli.add_command(command)

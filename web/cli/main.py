@@ -1,0 +1,491 @@
+"""The ``idvault`` command line.
+
+Every command takes the vault options (``--data-dir``, ``--database-url``,
+``--keystore-url``, ``--key-provider``, ``--key-file``; each also read from
+its ``IDVAULT_*`` variable). Errors go to stderr as ``error: ...`` with a
+non-zero exit code (see ``EXIT_CODES``) and never a traceback. docs/cli.md
+documents every command; tests/web/test_docs.py fails when the two disagree.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from encoders.library_output import without_expected_notices
+from vault import errors
+from vault.config import Settings
+from web.cli.common import (
+    Group,
+    emit,
+    exit_code,
+    open_vault,
+    progress_bar,
+    vault_options,
+)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"],
+                                          "max_content_width": 100})
+@click.version_option(package_name="idvault")
+def cli() -> None:
+    """idvault: a consented identity vault for personalised image generation.
+
+    Enroll people once, with recorded consent; their identity artifacts are
+    stored encrypted, duplicates are caught, and generators pull identities by
+    handle (OWNER/NAME, or @OWNER/NAME in prompts).
+
+    \b
+    Start here:
+      idvault init                       create a vault (key file 0600)
+      idvault owner add smiths --kind family
+      idvault identity add smiths/ana --consent consent.json
+      idvault artifact put smiths/ana face face.safetensors
+      idvault demo                       see it all run on throwaway data
+    """
+
+
+# -- init ----------------------------------------------------------------------
+@cli.command()
+@vault_options
+def init(settings: Settings) -> None:
+    """Create a new vault: data DB, separate key store, and key material.
+
+    With the default file provider this writes DATA_DIR/master.key (mode
+    0600). Back it up apart from the data: without it nothing decrypts.
+    """
+    from vault.vault import Vault
+
+    vault = Vault.init(settings)
+    click.echo(f"initialised vault {vault.vault_id}")
+    click.echo(f"  data:      {vault.describe_location()}")
+    click.echo(f"  key store: {vault.keystore_engine.url.render_as_string(hide_password=True)}")
+    click.echo(f"  KEK:       {vault.provider.describe()}")
+    vault.dispose()
+
+
+# -- owners ----------------------------------------------------------------------
+@cli.group(cls=Group)
+def owner() -> None:
+    """Families and studios: every identity belongs to one owner."""
+
+
+@owner.command("add")
+@click.argument("name")
+@click.option("--kind", type=click.Choice(["family", "studio"]), required=True,
+              help="A family (members) or a studio (cast under contract).")
+@click.option("--erase-policy", type=click.Choice(["immediate", "retain"]),
+              default="immediate", show_default=True,
+              help="On consent withdrawal: erase at once, or keep blocked until the consent's "
+                   "retain_until date (then `idvault retention sweep` erases it).")
+@vault_options
+def owner_add(name: str, kind: str, erase_policy: str, settings: Settings) -> None:
+    """Add an owner NAME (lowercase letters, digits, '-')."""
+    with open_vault(settings) as vault:
+        doc = vault.add_owner(name, kind, erase_policy=erase_policy)
+    click.echo(f"added {doc['kind']} {doc['name']} (erase policy: {doc['erase_policy']})")
+
+
+@owner.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@vault_options
+def owner_list(as_json: bool, settings: Settings) -> None:
+    """List owners."""
+    from vault import identities
+
+    with open_vault(settings, check_keys=False) as vault, vault.session() as s:
+        rows = [{"name": o.name, "kind": o.kind, "erase_policy": o.erase_policy,
+                 "identities": identities.count_identities(s, o.name)}
+                for o in identities.list_owners(s)]
+    emit(rows, as_json, lambda: "\n".join(
+        f"{r['name']:<20} {r['kind']:<7} {r['identities']:>5} identities  "
+        f"erase={r['erase_policy']}" for r in rows) or "no owners yet")
+
+
+# -- identities ------------------------------------------------------------------
+@cli.group(cls=Group)
+def identity() -> None:
+    """Identities: OWNER/NAME handles with consent and artifacts."""
+
+
+@identity.command("add")
+@click.argument("handle")
+@click.option("--consent", "consent_file", type=click.Path(path_type=Path, dir_okay=False),
+              required=True, help="Consent record JSON (see docs/consent.md).")
+@vault_options
+def identity_add(handle: str, consent_file: Path, settings: Settings) -> None:
+    """Create identity HANDLE (OWNER/NAME) with its consent record."""
+    from vault.consent import ConsentRequest
+
+    request = ConsentRequest.from_file(consent_file)
+    with open_vault(settings) as vault:
+        doc = vault.create_identity(handle, request)
+    click.echo(f"created {doc['handle']} (consent {doc['consent']['id']}, purposes: "
+               f"{', '.join(doc['consent']['purposes'])}; retain until "
+               f"{doc['consent']['retain_until']})")
+
+
+@identity.command("list")
+@click.argument("owner_name", metavar="[OWNER]", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@vault_options
+def identity_list(owner_name: str | None, as_json: bool, settings: Settings) -> None:
+    """List identities, of one OWNER or all."""
+    with open_vault(settings, check_keys=False) as vault:
+        rows = vault.list_identities(owner_name)
+    emit(rows, as_json, lambda: "\n".join(
+        f"{r['handle']:<40} {r['consent']['status']:<10} "
+        f"{','.join(a['kind'] for a in r['artifacts']) or '-'}" for r in rows)
+        or "no identities")
+
+
+@identity.command("show")
+@click.argument("handle")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@vault_options
+def identity_show(handle: str, as_json: bool, settings: Settings) -> None:
+    """Show an identity: consent and artifact metadata (nothing decrypted)."""
+    with open_vault(settings, check_keys=False) as vault:
+        doc = vault.describe(handle)
+
+    def text() -> str:
+        c = doc["consent"]
+        lines = [f"{doc['handle']}  ({doc['owner_kind']}, {doc['status']})",
+                 f"  consent {c['status']}: {c['subject']} given by {c['given_by']}"
+                 + (f" ({c['guardian_name']})" if c["guardian_name"] else "")
+                 + f"; purposes {', '.join(c['purposes'])}; retain until {c['retain_until']}"]
+        for a in doc["artifacts"]:
+            lines.append(f"  {a['kind']:<12} {a['model_id']:<30} {a['size']:>8} B  "
+                         f"{json.dumps(a['shapes'])}")
+        return "\n".join(lines)
+
+    emit(doc, as_json, text)
+
+
+@identity.command("delete")
+@click.argument("handle")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also write the signed receipt to this file.")
+@vault_options
+def identity_delete(handle: str, yes: bool, output: Path | None, settings: Settings) -> None:
+    """Erase an identity: crypto-shred its key, delete its rows and index entries.
+
+    Prints a signed JSON receipt of what was erased (verify it with
+    `idvault receipt verify`).
+    """
+    with open_vault(settings) as vault:
+        vault.describe(handle)  # fail on a bad handle before asking
+        if not yes:
+            if not sys.stdin.isatty():
+                raise click.UsageError("refusing to erase without confirmation: pass --yes")
+            click.confirm(f"Erase {handle} and all its artifacts for good?", abort=True)
+        receipt = vault.delete_identity(handle)
+    text = json.dumps(receipt, indent=2, sort_keys=True)
+    if output:
+        output.write_text(text + "\n")
+    click.echo(text)
+
+
+@identity.command("not-same")
+@click.argument("a")
+@click.argument("b")
+@vault_options
+def identity_not_same(a: str, b: str, settings: Settings) -> None:
+    """Record that A and B are different people (twins, siblings): never flagged again."""
+    with open_vault(settings) as vault:
+        vault.record_not_same(a, b)
+    click.echo(f"recorded: {a} and {b} are different people")
+
+
+# -- consent and retention ----------------------------------------------------------
+@cli.group(cls=Group)
+def consent() -> None:
+    """View and withdraw consent."""
+
+
+@consent.command("show")
+@click.argument("handle")
+@vault_options
+def consent_show(handle: str, settings: Settings) -> None:
+    """Print an identity's consent record as JSON."""
+    with open_vault(settings, check_keys=False) as vault:
+        emit(vault.describe(handle)["consent"], True)
+
+
+@consent.command("withdraw")
+@click.argument("handle")
+@click.option("--reason", help="Recorded with the withdrawal.")
+@vault_options
+def consent_withdraw(handle: str, reason: str | None, settings: Settings) -> None:
+    """Withdraw consent: every later use is refused; erased per the owner's policy."""
+    with open_vault(settings) as vault:
+        result = vault.withdraw_consent(handle, reason=reason)
+    emit(result, True)
+
+
+@cli.group(cls=Group)
+def retention() -> None:
+    """Retention: erase identities whose consent period has ended."""
+
+
+@retention.command("sweep")
+@vault_options
+def retention_sweep(settings: Settings) -> None:
+    """Erase every identity past its consent's retain_until date; prints receipts."""
+    with open_vault(settings) as vault:
+        receipts = vault.sweep_retention()
+    emit(receipts, True)
+
+
+# -- artifacts ----------------------------------------------------------------------
+@cli.group(cls=Group)
+def artifact() -> None:
+    """Sealed identity artifacts (face, photomaker, storymaker, celeb_basis, lidb)."""
+
+
+@artifact.command("put")
+@click.argument("handle")
+@click.argument("kind")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@vault_options
+def artifact_put(handle: str, kind: str, file: Path, settings: Settings) -> None:
+    """Validate FILE (safetensors) against KIND's schema, seal and store it."""
+    size = file.stat().st_size
+    if size > settings.max_artifact_bytes:
+        raise errors.ArtifactRejected(
+            f"{file} is {size} bytes; the limit is {settings.max_artifact_bytes}")
+    with open_vault(settings) as vault:
+        stored = vault.put_artifact(handle, kind, file.read_bytes())
+    click.echo(f"stored {kind} artifact {stored.id} for {handle} ({stored.size} bytes, model "
+               f"{stored.model_id})" + (f"; replaced {stored.replaced}" if stored.replaced else ""))
+
+
+@artifact.command("get")
+@click.argument("handle")
+@click.argument("kind")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="Where to write the decrypted safetensors file (created 0600).")
+@click.option("--model-id", help="Which one, when the identity has several of this kind.")
+@click.option("--purpose", type=click.Choice(["generate", "personalize", "share"]),
+              default="share", show_default=True,
+              help="Why it is read; consent must grant it. Audited.")
+@vault_options
+def artifact_get(handle: str, kind: str, output: Path, model_id: str | None, purpose: str,
+                 settings: Settings) -> None:
+    """Decrypt an artifact to a safetensors file (consent permitting; audited)."""
+    with open_vault(settings) as vault:
+        opened = vault.get_artifact(handle, kind, model_id=model_id, purpose=purpose)
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when it overwrote an existing file
+    with os.fdopen(fd, "wb") as f:
+        f.write(opened.payload)
+    click.echo(f"wrote {output} ({len(opened.payload)} bytes)")
+
+
+@artifact.command("kinds")
+@click.option("--json", "as_json", is_flag=True, help="Print the schemas as JSON.")
+@vault_options
+def artifact_kinds(as_json: bool, settings: Settings) -> None:
+    """The declared schema of every artifact kind (needs no vault)."""
+    from vault.artifact_kinds import KINDS
+
+    docs = {k: s.to_json() for k, s in KINDS.items()}
+
+    def text() -> str:
+        lines = []
+        for s in KINDS.values():
+            lines.append(f"{s.kind} (v{s.schema_version}, max {s.max_bytes} B): {s.description}")
+            for t in s.tensors:
+                lines.append(f"  {t.name:<14} {tuple(t.shape)!s:<24} {'|'.join(t.dtypes)}")
+            for m in s.metadata:
+                lines.append(f"  meta {m.name}: {m.description}")
+        return "\n".join(lines)
+
+    emit(docs, as_json, text)
+
+
+# -- keys, audit, index, receipts -----------------------------------------------------
+@cli.group(cls=Group)
+def keys() -> None:
+    """Key-encryption keys: rotation and status."""
+
+
+@keys.command("rotate")
+@click.option("--batch-size", default=50, show_default=True, help="Keys re-wrapped per commit.")
+@vault_options
+def keys_rotate(batch_size: int, settings: Settings) -> None:
+    """Re-wrap every data key under a new KEK version (artifacts are untouched).
+
+    Safe to interrupt: run it again and it finishes the rotation it began.
+    """
+    with open_vault(settings, check_keys=False) as vault:
+        bar = progress_bar("re-wrapping keys", "key")
+        try:
+            report = vault.rotate_keys(batch_size=batch_size, progress=bar)
+        finally:
+            bar.close()
+    click.echo(f"{'resumed and completed' if report.resumed else 'rotated'}: KEK version "
+               f"{report.to_version} active; {report.rewrapped} keys re-wrapped; version(s) "
+               f"{', '.join(map(str, report.from_versions)) or '-'} retired")
+    if report.note:
+        click.echo(report.note)
+
+
+@keys.command("status")
+@vault_options
+def keys_status(settings: Settings) -> None:
+    """KEK versions and their state, and the number of data keys."""
+    with open_vault(settings, check_keys=False) as vault:
+        doc = {"provider": vault.provider.describe(),
+               "kek_versions": [{"version": v, "state": st}
+                                for v, st in vault.keys.kek_versions()],
+               "data_keys": vault.keys.count_deks()}
+    emit(doc, True)
+
+
+@keys.command("generate")
+@vault_options
+def keys_generate(settings: Settings) -> None:
+    """Print a new random 256-bit key, base64 (for IDVAULT_KEK with the env provider)."""
+    from vault.crypto import new_key
+
+    click.echo(base64.b64encode(new_key()).decode())
+
+
+@cli.group(cls=Group)
+def audit() -> None:
+    """The hash-chained audit log."""
+
+
+@audit.command("verify")
+@vault_options
+def audit_verify(settings: Settings) -> None:
+    """Check the whole chain; exits 3 and names the first bad event if tampered."""
+    with open_vault(settings, check_keys=False) as vault:
+        result = vault.verify_audit()
+    result.raise_if_bad()
+    click.echo(f"audit chain intact: {result.events} events")
+
+
+@audit.command("log")
+@click.option("--owner", "owner_name", help="Only this owner's events.")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@vault_options
+def audit_log(owner_name: str | None, limit: int, as_json: bool, settings: Settings) -> None:
+    """The newest audit events."""
+    from vault import audit as audit_mod
+
+    with open_vault(settings, check_keys=False) as vault, vault.session() as s:
+        rows = [{"seq": e.seq, "at": audit_mod.canonical_time(e.at), "action": e.action,
+                 "actor": e.actor, "owner": e.owner, "subject": e.subject, "details": e.details}
+                for e in audit_mod.events(s, owner=owner_name, limit=limit)]
+    emit(rows, as_json, lambda: "\n".join(
+        f"{r['seq']:>6} {r['at']} {r['action']:<16} {r['subject'] or '-':<30} {r['actor']}"
+        for r in rows) or "no events")
+
+
+@cli.group(cls=Group)
+def index() -> None:
+    """The in-memory dedupe index."""
+
+
+@index.command("rebuild")
+@click.argument("owner_name", metavar="[OWNER]", required=False)
+@vault_options
+def index_rebuild(owner_name: str | None, settings: Settings) -> None:
+    """Rebuild the dedupe index from the encrypted store and report its size.
+
+    The index lives only in memory (never in plaintext on disk); every process
+    rebuilds it when first needed. This command checks that every face
+    artifact decrypts and shows how long a rebuild takes.
+    """
+    import time
+
+    with open_vault(settings) as vault:
+        t0 = time.perf_counter()
+        stats = vault.rebuild_index(owner_name, progress=progress_bar("decrypting", "face"))
+        stats["seconds"] = round(time.perf_counter() - t0, 3)
+    click.echo(f"index rebuilt: {stats['identities']} identities, {stats['vectors']} vectors "
+               f"across {stats['owners']} owner(s) in {stats['seconds']} s")
+
+
+@cli.group(cls=Group)
+def receipt() -> None:
+    """Signed erasure receipts."""
+
+
+@receipt.command("verify")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@vault_options
+def receipt_verify(file: Path, settings: Settings) -> None:
+    """Check that FILE is an erasure receipt signed by this vault and unaltered."""
+    try:
+        doc = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise errors.InvalidInput(f"{file} is not JSON") from None
+    with open_vault(settings, check_keys=False) as vault:
+        r = vault.verify_receipt(doc)
+    click.echo(f"valid receipt: {r['handle']} erased at {r['erased_at']} "
+               f"({len(r['artifacts'])} artifacts, data key shredded: "
+               f"{r['data_key']['shredded']})")
+
+
+from web.cli.faces import register as _register_face_commands
+
+_register_face_commands(cli)
+from web.cli.generate import register as _register_generate_commands
+from web.cli.personalize import register as _register_personalize_commands
+from web.cli.server import register as _register_web_commands
+
+_register_generate_commands(cli)
+_register_personalize_commands(cli)  # adds `artifact export`: after the core groups
+_register_web_commands(cli)
+
+
+@cli.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Where to build the demo vault (default: a new temporary folder).")
+def demo(data_dir: Path | None) -> None:
+    """Run the main job end to end on a throwaway vault and narrate it."""
+    from web.cli.demo import run_demo
+
+    run_demo(data_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    without_expected_notices()  # before any command imports the ML stack
+    try:
+        # Not standalone: click then returns a command's explicit exit code.
+        result = cli.main(args=argv, prog_name="idvault", standalone_mode=False)
+    except errors.VaultError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return exit_code(exc)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:
+        if os.environ.get("IDVAULT_DEBUG"):
+            raise
+        click.echo(f"error: unexpected {type(exc).__name__}: {exc} "
+                   "(set IDVAULT_DEBUG=1 for a traceback)", err=True)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
