@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,13 +26,15 @@ from encoders.face.analyzer import FaceAnalyzer, FaceResult, PhotoInput, Pick
 from encoders.face.pack import sha256_file
 from encoders.photo import load_photo
 from vault import codec
+from vault.artifact_kinds import ENROLL_KINDS
 from vault.consent import ConsentRequest
 from vault.errors import InvalidInput, PhotoRejected
 from vault.vault import EnrollmentResult, StoredArtifact, Vault
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
 Progress = Callable[[str, int, int], None]
-# Forward-only kinds computed at enrollment; celeb_basis and lidb are fitted by jobs.
-ENROLL_KINDS = ("face", "photomaker", "storymaker")
 BATCH = 16  # photos analysed per recogniser run (bounds memory, paces progress)
 
 
@@ -169,12 +172,17 @@ class Enroller:
                consent: ConsentRequest | None = None, kinds: Sequence[str] = ("face",),
                names: Sequence[str] | None = None, pick: Pick = None,
                masks: dict[str, np.ndarray] | None = None, cloth: np.ndarray | None = None,
-               progress: Progress | None = None, actor: str | None = None) -> EnrollmentReport:
+               progress: Progress | None = None, actor: str | None = None,
+               uid: str | None = None,
+               finish: Callable[[Session, EnrollmentReport], None] | None = None
+               ) -> EnrollmentReport:
         """Enroll (or add photos to) ``handle``. Raises DuplicateIdentity on a match.
 
         ``masks`` maps photo names to person masks (H, W) for StoryMaker's
         character crop; the photo with a mask (else the largest face) is its
         reference. ``cloth`` replaces the character crop with a clothing image.
+        ``uid`` and ``finish`` go to :meth:`Vault.store_enrollment` (``finish`` gets
+        the report, without the store's own timing).
         """
         kinds = list(dict.fromkeys(kinds))
         unknown = [k for k in kinds if k not in ENROLL_KINDS]
@@ -198,19 +206,22 @@ class Enroller:
             extra[kind] = self._encode_kind(kind, images, results, labels, masks or {}, cloth)
         t2 = time.perf_counter()
         payload = face_payload(results, self.model_id)
-        if progress:
-            progress("dedupe and store", 0, 1)
-        stored: EnrollmentResult = self.vault.store_enrollment(
-            handle, payload, consent_request=consent, extra=extra, actor=actor)
-        t3 = time.perf_counter()
-        if progress:
-            progress("dedupe and store", 1, 1)
         summaries = [PhotoSummary(labels[i], r.faces_found, r.face_index, r.det_score,
                                   r.face_px, r.blur) for i, r in enumerate(results)]
-        return EnrollmentReport(stored.handle, stored.status, summaries, stored.top_match,
-                                stored.review_id, stored.artifacts,
-                                {"analyse": t1 - t0, "encode": t2 - t1,
-                                 "dedupe_seal_store": t3 - t2})
+        timings = {"analyse": t1 - t0, "encode": t2 - t1}
+
+        def report(stored: EnrollmentResult, **more: float) -> EnrollmentReport:
+            return EnrollmentReport(stored.handle, stored.status, summaries, stored.top_match,
+                                    stored.review_id, stored.artifacts, {**timings, **more})
+
+        if progress:
+            progress("dedupe and store", 0, 1)
+        stored = self.vault.store_enrollment(
+            handle, payload, consent_request=consent, extra=extra, actor=actor, uid=uid,
+            finish=None if finish is None else lambda s, r: finish(s, report(r)))
+        if progress:
+            progress("dedupe and store", 1, 1)
+        return report(stored, dedupe_seal_store=time.perf_counter() - t2)
 
     def _encode_kind(self, kind: str, images: list[np.ndarray], faces: list[FaceResult],
                      labels: list[str], masks: dict[str, np.ndarray],

@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from sqlalchemy.orm import Session
 
 from encoders.base_model_id import base_model_id
 from generators.conditioning import Phase, build_phase, inject_input_embeddings
@@ -266,11 +267,15 @@ class ComposePipeline:
                  size: tuple[int, int] | None = None, method: str | Mapping[str, str] = "auto",
                  commercial: bool = False, negative_prompt: str | None = None,
                  guidance_scale: float | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> GenerationResult:
+                 progress: Callable[[int, int], None] | None = None,
+                 finish: Callable[[Session, GenerationResult], None] | None = None
+                 ) -> GenerationResult:
         """Make one image. ``owner`` scopes the handles (None: the local administrator);
         ``size`` is (width, height); ``method`` is ``auto``, a method name, or a
         mapping handle -> method. Raises the vault's errors (NotFound, ConsentError,
-        InvalidInput, ModelUnavailable) before any UNet work."""
+        InvalidInput, ModelUnavailable) before any UNet work. ``finish(session,
+        result)`` runs in the transaction of the generation's audit events, before
+        them (a job stores its image and marks itself done there)."""
         clock = _Clock()
         with self._lock, torch.no_grad():
             # 1. check inputs
@@ -299,12 +304,10 @@ class ComposePipeline:
                 image = decode_latents(self.pipe, latents)
             # 8. provenance record and audit
             with clock("record"):
-                record, manifest, created, generation_id = self._record(
-                    call, prompt, image, owner=owner, actor=actor, commercial=commercial)
+                result = self._record(call, prompt, image, clock.timings, owner=owner,
+                                      actor=actor, commercial=commercial, finish=finish)
         clock.timings["total"] = time.perf_counter() - clock.start
-        return GenerationResult(image, manifest, clock.timings, record,
-                                {r.handle: r.method for r in call.requests}, created,
-                                generation_id, self.vault)
+        return result
 
     # -- the steps ---------------------------------------------------------------------------
     def _check_inputs(self, prompt, layout, seed, steps, size, method, negative_prompt,
@@ -479,7 +482,8 @@ class ComposePipeline:
                     progress(i + 1, len(timesteps))
         return latents
 
-    def _record(self, call: _Call, prompt: str, image, *, owner, actor, commercial):
+    def _record(self, call: _Call, prompt: str, image, timings: dict[str, float], *, owner,
+                actor, commercial, finish) -> GenerationResult:
         from vault.vault import _actor
 
         groups = call.groups
@@ -493,11 +497,15 @@ class ComposePipeline:
         created = dt.datetime.now(dt.UTC)
         manifest = build_manifest(self.vault, record, image, created_at=created)
         generation_id = str(uuid.uuid4())
+        result = GenerationResult(image, manifest, timings, record,
+                                  {r.handle: r.method for r in call.requests}, created,
+                                  generation_id, self.vault)
         uses = [{"handle": r.handle, "artifact": r.opened.id, "method": r.method}
                 for r in call.requests]
         audit_generation(self.vault, record, manifest, generation_id=generation_id, uses=uses,
-                         owner=owner, actor=actor or _actor(), commercial=commercial)
-        return record, manifest, created, generation_id
+                         owner=owner, actor=actor or _actor(), commercial=commercial,
+                         before=None if finish is None else lambda s: finish(s, result))
+        return result
 
     # -- helpers -------------------------------------------------------------------------------
     def _image_tokens(self, groups) -> ImageTokens | None:

@@ -34,11 +34,12 @@ import datetime as dt
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from sqlalchemy.orm import Session
 
 from vault import audit
 from vault.errors import InvalidInput, NotFound, SignatureInvalid
@@ -195,12 +196,14 @@ def save_signed_png(vault, image: Image.Image, record: GenerationRecord, path: P
 
 
 def audit_generation(vault, record: GenerationRecord, manifest: dict, *, generation_id: str,
-                     uses: Sequence[dict], owner: str | None, actor: str,
-                     commercial: bool) -> None:
+                     uses: Sequence[dict], owner: str | None, actor: str, commercial: bool,
+                     before: Callable[[Session], None] | None = None) -> None:
     """One ``generate`` audit event per identity (so each identity's own trail shows every
     use), all sharing ``generation``; one with no subject when the prompt names nobody.
 
     ``uses``: per identity ``{"handle", "artifact", "method"}``, in order of mention.
+    ``before(session)`` runs first in the same transaction (a job stores its image and
+    marks itself done there: the events and the job commit together or not at all).
     """
     details = {"generation": generation_id,
                "handles": [u["handle"] for u in uses],
@@ -211,6 +214,8 @@ def audit_generation(vault, record: GenerationRecord, manifest: dict, *, generat
                "adapters": list(record.adapters), "commercial": commercial,
                "pixels_sha256": manifest["pixels"]["sha256"]}
     with vault.session() as s:
+        if before is not None:
+            before(s)
         for u in uses:
             audit.append(s, "generate", actor=actor, owner=u["handle"].split("/")[0],
                          subject=u["handle"], details=details)

@@ -71,6 +71,8 @@ class KindSchema:
 MODEL_ID = MetaSpec("model_id", "the encoder weights or base model this artifact belongs to "
                                 "(content hash where possible)")
 MAX_PHOTOS = 64
+# The kinds computed from photos at enrollment (the others are fitted by jobs, or put).
+ENROLL_KINDS = ("face", "photomaker", "storymaker")
 
 KINDS: dict[str, KindSchema] = {
     s.kind: s

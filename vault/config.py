@@ -42,6 +42,10 @@ class Settings:
     dedupe_index: str = "flat"  # IDVAULT_DEDUPE_INDEX: flat | ivf
     max_artifact_bytes: int = 16 * 1024 * 1024  # IDVAULT_MAX_ARTIFACT_BYTES
     dek_cache_seconds: float = 30.0  # IDVAULT_DEK_CACHE_SECONDS; 0 disables
+    # Scale-out: jobs go to Celery workers over this broker (redis://...); None runs them
+    # on a thread of the server process (the embedded default).
+    broker_url: str | None = None  # IDVAULT_BROKER_URL
+    job_lease_seconds: float = 30.0  # IDVAULT_JOB_LEASE_SECONDS: a silent worker's jobs rerun
 
     def __post_init__(self) -> None:
         # Accept str paths from callers; store Paths (the dataclass is frozen).
@@ -61,6 +65,12 @@ class Settings:
             )
         if self.max_artifact_bytes <= 0:
             raise InvalidInput("max_artifact_bytes must be positive")
+        if not self.job_lease_seconds > 0:
+            raise InvalidInput("job_lease_seconds must be positive")
+        if self.broker_url is not None and not self.broker_url.startswith(
+                ("redis://", "rediss://", "redis+socket://")):
+            raise InvalidInput(f"the broker URL must be a Redis URL (redis://host:6379/0), "
+                               f"not {redact_url(self.broker_url)!r}")
 
     # -- derived locations -------------------------------------------------
     @property
@@ -102,7 +112,17 @@ ENV_VARS = {
     "dedupe_index": "IDVAULT_DEDUPE_INDEX",
     "max_artifact_bytes": "IDVAULT_MAX_ARTIFACT_BYTES",
     "dek_cache_seconds": "IDVAULT_DEK_CACHE_SECONDS",
+    "broker_url": "IDVAULT_BROKER_URL",
+    "job_lease_seconds": "IDVAULT_JOB_LEASE_SECONDS",
 }
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for messages."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
 
 
 def _parse(name: str, raw: str) -> object:

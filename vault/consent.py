@@ -123,6 +123,15 @@ class ConsentRequest:
         return cls(subject.strip(), given_by, tuple(dict.fromkeys(purposes)), retain_until,
                    digest, guardian.strip() if given_by == "guardian" else None)
 
+    def to_dict(self) -> dict:
+        """The record as :meth:`from_dict` reads it (a job carries it to a worker)."""
+        doc = {"subject": self.subject, "given_by": self.given_by,
+               "purposes": list(self.purposes), "retain_until": self.retain_until.isoformat(),
+               "evidence_sha256": self.evidence_sha256}
+        if self.guardian_name is not None:
+            doc["guardian_name"] = self.guardian_name
+        return doc
+
     @classmethod
     def from_file(cls, path: Path) -> ConsentRequest:
         try:

@@ -20,6 +20,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import ArgumentError
 
+from vault.config import redact_url
 from vault.errors import InvalidInput
 
 SCHEMAS = ("data", "keystore")
@@ -35,15 +36,8 @@ def make_engine(url: str, *, schema: str) -> Engine:
         else:
             engine = create_engine(url, pool_pre_ping=True)
     except (ArgumentError, ImportError) as exc:
-        raise InvalidInput(f"cannot use database URL {_redact(url)}: {exc}") from None
+        raise InvalidInput(f"cannot use database URL {redact_url(url)}: {exc}") from None
     return engine
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 
 
 def _sqlite_setup(engine: Engine, *, wal: bool, foreign_keys: bool = True) -> None:

@@ -162,30 +162,29 @@ class DedupeIndex:
         self.block, self.review = block, review
         self.index_type = index_type
         self._indexes: dict[tuple[int, str], OwnerIndex] = {}
-        self._lock = threading.RLock()
-        self.loaded_owners: set[int] = set()
+        # Held by vault.dedupe_sync across a catch-up, so a search sees all of it.
+        self.lock = threading.RLock()
 
     def get(self, owner_id: int, model_id: str) -> OwnerIndex:
-        with self._lock:
+        with self.lock:
             key = (owner_id, model_id)
             if key not in self._indexes:
                 self._indexes[key] = OwnerIndex(self.index_type)
             return self._indexes[key]
 
     def models(self, owner_id: int) -> list[str]:
-        with self._lock:
+        with self.lock:
             return sorted(m for o, m in self._indexes if o == owner_id)
 
     def identities(self, owner_id: int) -> int:
-        with self._lock:
+        with self.lock:
             return len({i for (o, _), idx in self._indexes.items() if o == owner_id
                         for i in idx._ids})
 
     def drop_owner(self, owner_id: int) -> None:
-        with self._lock:
+        with self.lock:
             for key in [k for k in self._indexes if k[0] == owner_id]:
                 del self._indexes[key]
-            self.loaded_owners.discard(owner_id)
 
     def decide(self, score: float) -> str:
         if score >= self.block:
@@ -196,19 +195,19 @@ class DedupeIndex:
 
     def search(self, owner_id: int, model_id: str, vectors: np.ndarray, *, k: int = 5,
                exclude: set[int] | frozenset[int] = frozenset()) -> list[Match]:
-        with self._lock:
+        with self.lock:
             hits = self.get(owner_id, model_id).search(vectors, k, exclude)
         return [Match(i, s, self.decide(s)) for i, s in hits]
 
     def replace(self, owner_id: int, model_id: str, identity_id: int,
                 vectors: np.ndarray) -> None:
-        with self._lock:
+        with self.lock:
             idx = self.get(owner_id, model_id)
             idx.remove(identity_id)
             idx.add(identity_id, vectors)
 
     def remove(self, owner_id: int, identity_id: int) -> int:
         """Remove an identity from every model index of its owner; vectors removed."""
-        with self._lock:
+        with self.lock:
             return sum(idx.remove(identity_id) for (o, _), idx in self._indexes.items()
                        if o == owner_id)

@@ -93,15 +93,16 @@ def check_usable(identity: Identity, purpose: str) -> None:
 
 
 def create_identity(session: Session, handle: Handle | str, request: ConsentRequest, *,
-                    actor: str) -> Identity:
-    """A new identity with its consent record, in the caller's transaction."""
+                    actor: str, uid: str | None = None) -> Identity:
+    """A new identity with its consent record, in the caller's transaction (``uid``: the
+    one chosen for it beforehand, e.g. to stage its photos under its data key)."""
     h = handle if isinstance(handle, Handle) else Handle.parse(handle)
     owner = get_owner(session, h.owner)
     exists = session.scalar(select(Identity.id).where(Identity.owner_id == owner.id,
                                                       Identity.name == h.name))
     if exists is not None:
         raise AlreadyExists(f"identity {h} already exists")
-    identity = Identity(owner=owner, name=h.name)
+    identity = Identity(owner=owner, name=h.name, **({"uid": uid} if uid else {}))
     record = request.to_model()
     identity.consents.append(record)
     session.add(identity)

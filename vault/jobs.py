@@ -24,9 +24,16 @@ and stops at its next :meth:`JobContext.progress` call. Checkpoints,
 params and results are stored in plain JSON: they must hold ids, counts and
 digests, never biometric data or key material.
 
-Scale-out deployments replace the embedded thread by a distributed queue
-(e.g. Celery over Redis) that calls :meth:`JobQueue.run_job` on GPU workers;
-the rows, kinds and API stay the same.
+Scale-out deployments (a broker URL set) replace the embedded thread by
+Celery workers (``web.workers``): :meth:`JobQueue.submit` hands the new job to
+``dispatch``, which sends its id to the kind's queue (:attr:`JobKind.queue`:
+``gpu`` or ``cpu``), and a worker runs it with :meth:`JobQueue.claim_job` and
+:meth:`JobQueue.run_job`. The rows stay the system of record: a job runs only
+if its row says it may (queued, or running under a lease that went stale), so
+a message delivered twice runs it once. A kind that writes its effects in a
+transaction of its own marks the job done in that same transaction
+(:meth:`JobContext.finish`), so a crash between the two cannot make it run
+again.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,10 +62,15 @@ log = logging.getLogger("idvault.jobs")
 MAX_PARAMS_BYTES = 64 * 1024
 TERMINAL = ("done", "failed", "cancelled")
 SWEEP_EVERY_SECONDS = 600.0
+QUEUES = ("gpu", "cpu")  # what a kind needs: a GPU worker (models), or any CPU
 
 
 class JobCancelled(Exception):
     """Raised inside a job function when the job was cancelled; the worker stops it."""
+
+
+class JobTimedOut(JobCancelled):
+    """Raised inside a job function that ran past its kind's time limit."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,9 @@ class JobKind:
     ``preflight(vault, owner, params)`` checks the params against the vault at
     submission (e.g. that the identities a prompt names are the owner's and
     consent), so a job that cannot run is refused at once; the run checks again.
+    ``queue`` is where a scale-out deployment runs it: ``gpu`` or ``cpu``, or a
+    function of the params saying which. ``time_limit``: seconds a run may take;
+    past it the job stops at its next progress report and fails.
     """
 
     name: str
@@ -84,6 +100,14 @@ class JobKind:
     needs_identity: bool = False
     trusted_params: bool = False
     preflight: Callable[[object, str, dict], None] | None = None
+    queue: str | Callable[[dict], str] = "cpu"
+    time_limit: float = 3600.0
+
+    def queue_for(self, params: dict) -> str:
+        name = self.queue(params) if callable(self.queue) else self.queue
+        if name not in QUEUES:
+            raise ValueError(f"job kind {self.name}: queue {name!r} is not one of {QUEUES}")
+        return name
 
 
 REGISTRY: dict[str, JobKind] = {}
@@ -127,9 +151,23 @@ class JobContext:
         self.params = dict(job.params or {})
         self.checkpoint = checkpoint
         self.attempt = attempt
+        self.deadline: float | None = None  # time.monotonic() past which it must stop
+        self.finished = False
+
+    def finish(self, s: Session, result: dict | None) -> None:
+        """Mark the job done with ``result`` in the caller's transaction: the one that
+        writes the job's effects, so they commit together or not at all."""
+        json.dumps(result)
+        job = s.get(Job, self.job_id)
+        if job is None:
+            raise JobCancelled("the job row is gone")
+        job.status, job.finished_at, job.progress, job.result = "done", utcnow(), 1.0, result
+        job.error = None
+        self.finished = True
 
     def progress(self, fraction: float, message: str | None = None) -> None:
-        """Record progress (0..1); raises JobCancelled when a cancel was requested."""
+        """Record progress (0..1); raises JobCancelled when a cancel was requested, and
+        JobTimedOut past the kind's time limit."""
         fraction = min(max(float(fraction), 0.0), 1.0)
         with self.vault.session() as s:
             job = s.get(Job, self.job_id)
@@ -144,6 +182,8 @@ class JobContext:
                 lease.heartbeat_at = utcnow()
         if cancel:
             raise JobCancelled("cancel requested")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise JobTimedOut("ran past its time limit")
 
     def cancelled(self) -> bool:
         with self.vault.session() as s:
@@ -163,12 +203,18 @@ class JobQueue:
     """Submit, inspect, cancel and run jobs of one vault."""
 
     def __init__(self, vault, *, registry: dict[str, JobKind] | None = None,
-                 worker_id: str | None = None, lease_seconds: float = 30.0,
-                 max_attempts: int = 3, poll_seconds: float = 2.0) -> None:
+                 worker_id: str | None = None, lease_seconds: float | None = None,
+                 max_attempts: int = 3, poll_seconds: float = 2.0,
+                 dispatch: Callable[[str, str, str], None] | None = None) -> None:
+        """``dispatch(job_id, kind, queue)`` sends a new job to the workers of a
+        scale-out deployment (None: this process runs it, on :meth:`start`'s thread)."""
         self.vault = vault
         self.registry = REGISTRY if registry is None else registry
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.lease_seconds = lease_seconds
+        self.lease_seconds = (lease_seconds if lease_seconds is not None
+                              else vault.settings.job_lease_seconds)
+        self.dispatch = dispatch
+        self.queues: tuple[str, ...] | None = None  # a worker's queues (None: any)
         self.max_attempts = max_attempts
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
@@ -212,8 +258,25 @@ class JobQueue:
             s.add(job)
             s.flush()
             doc = self._describe(s, job)
-        self._wake.set()
+        self.send(doc["id"], kind, params)
         return doc
+
+    def send(self, job_id: str, kind: str, params: dict) -> bool:
+        """Hand a queued job to whoever runs jobs: the workers (``dispatch``) or this
+        process's thread. A dispatch that fails leaves the job queued and unsent, for the
+        workers' sweep (:meth:`lost`) to send again; False then."""
+        if self.dispatch is None:
+            self._wake.set()
+            return True
+        try:
+            self.dispatch(job_id, kind, self.kind(kind).queue_for(params))
+        except Exception:
+            log.warning("job %s queued but not dispatched (the broker?); the workers' sweep "
+                        "sends it again", job_id, exc_info=True)
+            return False
+        with self.vault.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
+        return True
 
     def get(self, job_id: str, *, owner: str | None = None) -> dict:
         with self.vault.session() as s:
@@ -254,11 +317,14 @@ class JobQueue:
     # -- staged photos --------------------------------------------------------------------
     @staticmethod
     def _stages(s: Session, job: Job) -> list[tuple[str, str]]:
-        """``(identity uid, stage id)`` of the photos staged for ``job`` (none for most)."""
+        """``(identity uid, stage id)`` of the photos staged for ``job`` (none for most): of
+        its identity, or of the identity it was to create (``params["uid"]``)."""
         sid = staged_photos.stage_id(job.params)
-        if sid is None or job.identity_id is None:
+        if sid is None:
             return []
-        uid = s.scalar(select(Identity.uid).where(Identity.id == job.identity_id))
+        uid = staged_photos.staged_uid(job.params)
+        if uid is None and job.identity_id is not None:
+            uid = s.scalar(select(Identity.uid).where(Identity.id == job.identity_id))
         return [(uid, sid)] if uid else []
 
     def _discard(self, stages: list[tuple[str, str]]) -> None:
@@ -320,7 +386,7 @@ class JobQueue:
                     job.error = f"its worker stopped {attempts} times; giving up"
                     ended += self._stages(s, job)
                 else:
-                    job.status = "queued"
+                    job.status, job.dispatched_at = "queued", None  # to be sent again
                     job.message = f"resuming: its worker stopped (attempt {attempts} of " \
                                   f"{self.max_attempts})"
                     if lease is not None:
@@ -340,29 +406,90 @@ class JobQueue:
                            .with_for_update(skip_locked=True))
             if job is None:
                 return None
-            now = utcnow()
-            job.status, job.started_at = "running", job.started_at or now
+            return self._take(s, job, s.get(JobLease, job.id))
+
+    def claim_job(self, job_id: str) -> tuple[str, object]:
+        """Take one job by id, if its row says it may run here now (a worker's task):
+
+        - ``("run", claimed)``: queued, or running under a stale lease (its worker
+          died) -- taken, for :meth:`run_job`;
+        - ``("busy", seconds)``: running under a live lease elsewhere; ask again later;
+        - ``("ended", status)``: already done, failed or cancelled (also: cancelled
+          now, or failed after ``max_attempts`` runs) -- nothing to do;
+        - ``("gone", None)``: no such job (erased with its identity);
+        - ``("foreign", kind)``: a kind this process cannot run;
+        - ``("elsewhere", (kind, params))``: a kind for a queue this worker does not
+          serve (:attr:`queues`).
+        """
+        with self.vault.session() as s:
+            job = s.scalar(select(Job).where(Job.id == str(job_id)).with_for_update())
+            if job is None:
+                return "gone", None
+            if job.status in TERMINAL:
+                return "ended", job.status
+            if job.kind not in self.registry:
+                return "foreign", job.kind
+            if (self.queues is not None
+                    and self.registry[job.kind].queue_for(job.params or {}) not in self.queues):
+                return "elsewhere", (job.kind, dict(job.params or {}))
             lease = s.get(JobLease, job.id)
-            if lease is None:
-                lease = JobLease(job_id=job.id, worker=self.worker_id, attempts=1,
-                                 heartbeat_at=now)
-                s.add(lease)
-            else:
-                lease.worker, lease.heartbeat_at = self.worker_id, now
-                lease.attempts += 1
-            s.flush()
-            owner = s.scalar(select(Owner.name).where(Owner.id == job.owner_id))
-            handle = None
-            if job.identity_id is not None:
-                name = s.scalar(select(Identity.name).where(Identity.id == job.identity_id))
-                handle = f"{owner}/{name}" if name else None
-            return job, lease, owner, handle
+            if job.status == "running":
+                age = (utcnow() - _aware(lease.heartbeat_at)).total_seconds() if lease else None
+                if age is not None and age < self.lease_seconds:
+                    return "busy", self.lease_seconds - age
+                attempts = lease.attempts if lease else 1
+                if attempts >= self.max_attempts:
+                    job.status, job.finished_at = "failed", utcnow()
+                    job.error = f"its worker stopped {attempts} times; giving up"
+            if job.status not in TERMINAL and job.cancel_requested:
+                job.status, job.finished_at = "cancelled", utcnow()
+                job.message = "cancelled before it ran again"
+            if job.status not in TERMINAL:
+                return "run", self._take(s, job, lease)
+            ended, stages = job.status, self._stages(s, job)
+        self._discard(stages)
+        return "ended", ended
+
+    def _take(self, s: Session, job: Job, lease: JobLease | None
+              ) -> tuple[Job, JobLease, str, str | None]:
+        now = utcnow()
+        job.status, job.started_at = "running", job.started_at or now
+        if lease is None:
+            lease = JobLease(job_id=job.id, worker=self.worker_id, attempts=1, heartbeat_at=now)
+            s.add(lease)
+        else:
+            lease.worker, lease.heartbeat_at = self.worker_id, now
+            lease.attempts += 1
+        s.flush()
+        owner = s.scalar(select(Owner.name).where(Owner.id == job.owner_id))
+        handle = None
+        if job.identity_id is not None:
+            name = s.scalar(select(Identity.name).where(Identity.id == job.identity_id))
+            handle = f"{owner}/{name}" if name else None
+        return job, lease, owner, handle
+
+    def lost(self, grace: float, resend_after: float) -> list[tuple[str, str, dict]]:
+        """``(id, kind, params)`` of queued jobs for the workers' sweep to send (again):
+        never sent and older than ``grace`` seconds (a broker outage at submission, a
+        server killed right after its commit, a job queued again by :meth:`recover`), or
+        sent more than ``resend_after`` seconds ago and still not taken (a broker that
+        lost its messages)."""
+        now = utcnow()
+        unsent = (Job.dispatched_at.is_(None)
+                  & (Job.created_at < now - dt.timedelta(seconds=grace)))
+        stale = Job.dispatched_at < now - dt.timedelta(seconds=resend_after)
+        with self.vault.session(read_only=True) as s:
+            rows = s.execute(select(Job.id, Job.kind, Job.params).where(
+                Job.status == "queued", unsent | stale,
+                Job.kind.in_(list(self.registry)))).all()
+        return [(i, k, p or {}) for i, k, p in rows]
 
     def run_job(self, claimed: tuple[Job, JobLease, str, str | None]) -> str:
         """Run a claimed job to its end; returns its final status."""
         job, lease, owner, handle = claimed
         spec = self.registry[job.kind]
         ctx = JobContext(self, job, owner, handle, lease.checkpoint, lease.attempts)
+        ctx.deadline = time.monotonic() + spec.time_limit
         self._current = job.id
         beat = threading.Thread(target=self._heartbeat, args=(job.id,), daemon=True)
         done = threading.Event()
@@ -376,6 +503,8 @@ class JobQueue:
                                 "not a dict")
             if result is not None:
                 json.dumps(result)
+        except JobTimedOut:
+            status, error = "failed", f"ran past its time limit of {spec.time_limit:.0f} s"
         except JobCancelled:
             status, message = "cancelled", "cancelled while running"
         except VaultError as exc:
@@ -390,12 +519,20 @@ class JobQueue:
             row = s.get(Job, job.id)
             if row is None:
                 return status  # deleted meanwhile (its identity was erased)
-            row.status, row.finished_at = status, utcnow()
-            if status == "done":
-                row.progress, row.result = 1.0, result
-            row.error = error
-            if message is not None:
-                row.message = message
+            held = s.get(JobLease, job.id)
+            if held is not None and held.worker != self.worker_id:
+                log.warning("job %s was taken over by %s while this worker ran it (its lease "
+                            "went stale); leaving the result to it", job.id, held.worker)
+                return status
+            if row.status == "done":
+                status = "done"  # the kind marked it done with its effects (ctx.finish)
+            else:
+                row.status, row.finished_at = status, utcnow()
+                if status == "done":
+                    row.progress, row.result = 1.0, result
+                row.error = error
+                if message is not None:
+                    row.message = message
             stages = self._stages(s, row)
         self._discard(stages)
         return status
@@ -491,7 +628,17 @@ def _no_params(params: dict) -> dict:
     return {}
 
 
+def _sweep_retention(ctx: JobContext) -> dict:
+    ctx.progress(0.0, "erasing identities past their retention date")
+    receipts = ctx.vault.sweep_retention(owner=ctx.owner, actor=f"job:{ctx.job_id}")
+    return {"erased": [r["handle"] for r in receipts]}
+
+
 register_kind(JobKind(
-    "rebuild_index", _rebuild_index, scope="admin", validate=_no_params,
-    description="rebuild the owner's in-memory dedupe index from the encrypted store (after "
-                "enrollments made by other processes, e.g. the CLI)"))
+    "rebuild_index", _rebuild_index, scope="admin", validate=_no_params, queue="cpu",
+    description="rebuild the running process's in-memory dedupe index of the owner from the "
+                "encrypted store (every process also catches up on its own before it searches)"))
+register_kind(JobKind(
+    "retention_sweep", _sweep_retention, scope="admin", validate=_no_params, queue="cpu",
+    description="erase the owner's identities whose consent's retention date has passed "
+                "(signed receipts, as `idvault retention sweep`)"))

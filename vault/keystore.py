@@ -55,7 +55,10 @@ class RotationReport:
 
 
 class KeyStore:
-    def __init__(self, engine: Engine, provider: KeyProvider, *, dek_cache_seconds: float = 30.0):
+    def __init__(self, engine: Engine, provider: KeyProvider, *, dek_cache_seconds: float = 30.0,
+                 on_cache: Callable[[], None] | None = None):
+        """``on_cache`` is called whenever a data key is cached (the vault starts its cache
+        sweeper, which drops keys shredded by other processes: :meth:`drop_shredded`)."""
         self.engine = engine
         self.provider = provider
         self._read_engine = engine.execution_options(**{READ_ONLY: True})
@@ -63,6 +66,7 @@ class KeyStore:
         # identity uid -> (cached at, key id, DEK); insertion order = age order
         self._deks: OrderedDict[str, tuple[float, uuid.UUID, bytes]] = OrderedDict()
         self._cache_seconds = dek_cache_seconds
+        self._on_cache = on_cache
         self._lock = threading.Lock()
         self._vault_id: uuid.UUID | None = None
 
@@ -179,6 +183,24 @@ class KeyStore:
             with self._lock:
                 self._deks[identity_uid] = (time.monotonic(), key_id, dek)
                 self._deks.move_to_end(identity_uid)
+            if self._on_cache is not None:
+                self._on_cache()
+
+    def drop_shredded(self) -> int:
+        """Drop the cached data keys whose key is no longer in the key store (another
+        process shredded it); how many. One query for all the cached keys."""
+        with self._lock:
+            cached = list(self._deks)
+        if not cached:
+            return 0
+        with self._session(read_only=True) as s:
+            kept = set(s.scalars(select(DataKey.identity_uid)
+                                 .where(DataKey.identity_uid.in_(cached))))
+        gone = [uid for uid in cached if uid not in kept]
+        with self._lock:
+            for uid in gone:
+                self._deks.pop(uid, None)
+        return len(gone)
 
     def dek(self, identity_uid: str) -> tuple[uuid.UUID, bytes]:
         now = time.monotonic()

@@ -15,12 +15,14 @@ import uuid
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     Date,
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -56,6 +58,7 @@ ERASE_POLICIES = ("immediate", "retain")
 IDENTITY_STATUSES = ("active", "held", "withdrawn")
 REVIEW_STATUSES = ("pending", "accepted", "rejected")
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+DEDUPE_OPS = ("add", "remove")
 
 
 class VaultMeta(Base):
@@ -286,6 +289,8 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Scale-out: when its id was last sent to the workers (None: not yet, or sent again).
+    dispatched_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 # -- web accounts and job leases (migration 0003) ---------------------------------------
@@ -355,3 +360,24 @@ class JobLease(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=1)
     heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     checkpoint: Mapped[dict | None] = mapped_column(JSON)
+
+
+class DedupeChange(Base):
+    """One change of an owner's indexed faces, in order (``vault.dedupe_log``).
+
+    Ids only, never vectors: a process's in-memory index reads the changes past
+    the last one it applied and decrypts what an ``add`` names.
+    """
+
+    __tablename__ = "dedupe_changes"
+    __table_args__ = (
+        CheckConstraint("op IN ('add', 'remove')", name="op"),
+        Index("ix_dedupe_changes_owner_seq", "owner_id", "seq"),
+    )
+    # A rowid alias on SQLite (only ever grows: rows are never deleted one by one).
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                     primary_key=True, autoincrement=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("owners.id", ondelete="CASCADE"))
+    identity_id: Mapped[int] = mapped_column(Integer)  # no foreign key: a removal outlives it
+    op: Mapped[str] = mapped_column(String(8))
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -88,25 +88,34 @@ def _context(vault, identity_uid: str, stage_id: str, index: int) -> dict:
             "photo": index, "purpose": "staged-photo"}
 
 
+def _new_uid(uid: str) -> str:
+    try:
+        return str(uuid.UUID(str(uid)))
+    except ValueError:
+        raise InvalidInput(f"not an identity uid: {str(uid)[:64]!r}") from None
+
+
 def _identity_uid(vault, handle: str | Handle) -> str:
     with vault.session(read_only=True) as s:
         return identities.get_identity(s, handle).uid
 
 
 def stage(vault, handle: str | Handle, photos: list[bytes], *, names: list[str],
-          actor: str, purpose: str = "personalize") -> StagedRef:
+          actor: str, purpose: str = "personalize", uid: str | None = None) -> StagedRef:
     """Seal ``photos`` for a job on ``handle``; returns the reference the job carries.
 
     The caller checks what the photos are (decodable, within limits) and the
     identity's consent before staging; this only keeps them, sealed, and
-    records an audit event (the count, never the photos' digests).
+    records an audit event (the count, never the photos' digests). ``uid``:
+    an identity that does not exist yet (an enrollment job creates it with
+    this uid), whose data key is made here.
     """
     if not photos or len(photos) > MAX_PHOTOS:
         raise InvalidInput(f"stage 1 to {MAX_PHOTOS} photos (got {len(photos)})")
     if len(names) != len(photos):
         raise InvalidInput("one name per staged photo")
     h = Handle.parse(str(handle))
-    uid = _identity_uid(vault, h)
+    uid = _identity_uid(vault, h) if uid is None else _new_uid(uid)
     stage_id = uuid.uuid4().hex
     folder = _dir(vault, uid, stage_id)
     key_id, dek = vault.keys.get_or_create_dek(uid)
@@ -130,13 +139,15 @@ def stage(vault, handle: str | Handle, photos: list[bytes], *, names: list[str],
     return StagedRef(stage_id, tuple(names), tuple(digests))
 
 
-def load(vault, handle: str | Handle, ref: StagedRef) -> list[tuple[str, bytes]]:
-    """The staged photos of ``ref`` as ``(name, bytes)``, checked and decrypted.
+def load(vault, handle: str | Handle, ref: StagedRef, *,
+         uid: str | None = None) -> list[tuple[str, bytes]]:
+    """The staged photos of ``ref`` as ``(name, bytes)``, checked and decrypted (``uid``:
+    of an identity not created yet, as at :func:`stage`).
 
     NotFound when the stage is gone (the job ended, or the identity was
     erased); InvalidInput when a file differs from what the job recorded.
     """
-    uid = _identity_uid(vault, handle)
+    uid = _identity_uid(vault, handle) if uid is None else _new_uid(uid)
     folder = _dir(vault, uid, ref.id)
     if not folder.is_dir():
         raise NotFound(f"the photos staged for this job are gone (stage {ref.id})")
@@ -176,6 +187,15 @@ def stage_id(params: object) -> str | None:
     doc = params.get(STAGED) if isinstance(params, dict) else None
     sid = doc.get("id") if isinstance(doc, dict) else None
     return sid if isinstance(sid, str) and _STAGE_ID.match(sid) else None
+
+
+def staged_uid(params: object) -> str | None:
+    """The uid a job's params stage its photos under for an identity it will create."""
+    uid = params.get("uid") if isinstance(params, dict) else None
+    try:
+        return str(uuid.UUID(uid)) if isinstance(uid, str) else None
+    except ValueError:
+        return None
 
 
 def sweep(vault, *, grace_seconds: float = SWEEP_GRACE_SECONDS, now: float | None = None) -> int:

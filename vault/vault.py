@@ -31,10 +31,21 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from vault import audit, codec, crypto, db, generated_images, identities, staged_photos
+from vault import (
+    audit,
+    codec,
+    crypto,
+    db,
+    dedupe_log,
+    generated_images,
+    identities,
+    staged_photos,
+)
+from vault.cache_sweeper import CacheSweeper
 from vault.config import Settings
 from vault.consent import ConsentRequest, check_use
 from vault.dedupe_index import DedupeIndex, Match
+from vault.dedupe_sync import IndexSync
 from vault.errors import (
     AlreadyExists,
     Conflict,
@@ -104,10 +115,13 @@ class Vault:
         self.engine = db.make_engine(settings.resolved_database_url, schema="data")
         self.keystore_engine = db.make_engine(settings.resolved_keystore_url, schema="keystore")
         self.provider = provider_for(settings.key_provider, settings.resolved_key_file)
+        self.caches = CacheSweeper(self)
         self.keys = KeyStore(self.keystore_engine, self.provider,
-                             dek_cache_seconds=settings.dek_cache_seconds)
+                             dek_cache_seconds=settings.dek_cache_seconds,
+                             on_cache=self.caches.start)
         self.index = DedupeIndex(block=settings.dedupe_block, review=settings.dedupe_review,
                                  index_type=settings.dedupe_index)
+        self.dedupe = IndexSync(self)
         self._vault_id: uuid.UUID | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -185,6 +199,7 @@ class Vault:
         return vault
 
     def dispose(self) -> None:
+        self.caches.stop()
         self.engine.dispose()
         self.keystore_engine.dispose()
 
@@ -282,17 +297,24 @@ class Vault:
                                                      row.kind, row.model_id))
 
     def put_artifact(self, handle: str, kind: str, payload: bytes, *,
-                     actor: str | None = None) -> StoredArtifact:
-        """Validate, seal and store an artifact; replaces the one of the same kind and model."""
+                     actor: str | None = None,
+                     finish: Callable[[Session, StoredArtifact], None] | None = None
+                     ) -> StoredArtifact:
+        """Validate, seal and store an artifact; replaces the one of the same kind and model.
+        ``finish`` runs in the same transaction, before it commits (a job marks itself
+        done there)."""
         decoded = codec.decode(payload, kind=kind, max_bytes=self.settings.max_artifact_bytes)
+        h = Handle.parse(handle)
         with self.session() as s:
-            identity = identities.get_identity(s, handle, lock=True)
+            if kind == "face":  # the owner's lock first, as every dedupe writer
+                dedupe_log.lock_owner(s, identities.get_owner(s, h.owner).id)
+            identity = identities.get_identity(s, h, lock=True)
             check_use(identity.consent, "enroll")
             stored = self._store(s, identity, decoded, payload, actor=actor or _actor())
-            owner_id, identity_id, status = identity.owner_id, identity.id, identity.status
-        if kind == "face" and status == "active" and owner_id in self.index.loaded_owners:
-            self.index.replace(owner_id, decoded.model_id, identity_id,
-                               decoded.tensors["normed"])
+            if kind == "face":
+                dedupe_log.record(s, identity.owner_id, identity.id, "add")
+            if finish is not None:
+                finish(s, stored)
         return stored
 
     def _store(self, s: Session, identity: Identity, decoded: codec.DecodedArtifact,
@@ -366,84 +388,44 @@ class Vault:
     # -- dedupe index ---------------------------------------------------------------
     def rebuild_index(self, owner: str | None = None,
                       progress: Callable[[int, int], None] | None = None) -> dict:
-        """Rebuild the in-memory index of one owner (or all) from the encrypted store."""
+        """Rebuild this process's in-memory index of one owner (or all) from the encrypted
+        store. (Other processes catch up from the change log on their own.)"""
         with self.session() as s:
             owners = ([identities.get_owner(s, owner)] if owner
                       else identities.list_owners(s))
             owner_ids = {o.id: o.name for o in owners}
         total = 0
         for owner_id in owner_ids:
-            total += self._load_owner_index(owner_id, progress)
+            total += self.dedupe.load(owner_id, progress)
         return {"owners": len(owner_ids), "vectors": total,
                 "identities": sum(self.index.identities(o) for o in owner_ids)}
-
-    def _load_owner_index(self, owner_id: int,
-                          progress: Callable[[int, int], None] | None = None) -> int:
-        """Decrypt the owner's face artifacts, in batches, into fresh indexes."""
-        indexed = (Identity.owner_id == owner_id, Identity.status.in_(("active", "held")),
-                   Artifact.kind == "face")
-        with self.session(read_only=True) as s:
-            owner_name = s.scalar(select(Owner.name).where(Owner.id == owner_id))
-            uids = set(s.scalars(select(Identity.uid).join(Artifact).where(*indexed)))
-            total = len(uids)
-        deks = self.keys.all_deks(uids)
-        by_model: dict[str, tuple[list[int], list[np.ndarray]]] = {}
-        # Held identities are indexed too: a third enrollment of a held person
-        # must still be caught. Rows stream in batches: a roster of 100k would
-        # not fit in memory with every ciphertext at once.
-        query = (select(Identity.id, Identity.uid, Artifact.id, Artifact.model_id,
-                        Artifact.ciphertext)
-                 .join(Artifact, Artifact.identity_id == Identity.id).where(*indexed)
-                 .execution_options(yield_per=1000))
-        with self.session(read_only=True) as s:
-            for n, (identity_id, uid, art_id, model_id, ciphertext) in enumerate(
-                    s.execute(query), 1):
-                if uid not in deks:
-                    continue  # shredded mid-erasure; its rows are going
-                payload = crypto.open_token(
-                    deks[uid][1], ciphertext,
-                    context=self._context(owner_name, uid, art_id, "face", model_id))
-                normed = codec.decode(payload, kind="face").tensors["normed"]
-                ids, vectors = by_model.setdefault(model_id, ([], []))
-                ids.extend([identity_id] * len(normed))
-                vectors.append(normed)
-                if progress and (n % 1000 == 0 or n == total):
-                    progress(n, total)
-        self.index.drop_owner(owner_id)
-        count = 0
-        for model_id, (ids, vectors) in by_model.items():
-            idx = self.index.get(owner_id, model_id)
-            idx.add_many(np.asarray(ids), np.concatenate(vectors))
-            idx.optimise()
-            count += len(ids)
-        self.index.loaded_owners.add(owner_id)
-        return count
 
     def search_faces(self, owner: str, vectors: np.ndarray, *, model_id: str | None = None,
                      k: int = 5, exclude_identity: str | None = None) -> list[dict]:
         """Closest identities of ``owner`` to the query embeddings, with decisions.
 
         ``model_id`` names the face model the query embeddings come from; it may
-        be left out while the owner's faces all come from one model.
+        be left out while the owner's faces all come from one model. The index
+        first catches up with every change committed by any process.
         """
-        with self.session() as s:
+        with self.session(read_only=True) as s:
             owner_row = identities.get_owner(s, owner)
             exclude: set[int] = set()
             if exclude_identity is not None:
                 me = identities.get_identity(s, exclude_identity)
                 exclude = {me.id} | identities.not_same_partners(s, me.id)
-        if owner_row.id not in self.index.loaded_owners:
-            self._load_owner_index(owner_row.id)
-        models = self.index.models(owner_row.id)
-        if model_id is None:
-            if len(models) > 1:
-                raise InvalidInput(f"{owner} has faces from several models "
-                                   f"({', '.join(models)}); say which one the query is from")
-            if not models:
-                return []
-            model_id = models[0]
-        matches = self.index.search(owner_row.id, model_id, vectors, k=k, exclude=exclude)
-        return self._with_handles(matches)
+            self.dedupe.catch_up(s, owner_row.id)
+            models = self.index.models(owner_row.id)
+            if model_id is None:
+                if len(models) > 1:
+                    raise InvalidInput(f"{owner} has faces from several models "
+                                       f"({', '.join(models)}); say which one the query is "
+                                       "from")
+                if not models:
+                    return []
+                model_id = models[0]
+            matches = self.index.search(owner_row.id, model_id, vectors, k=k, exclude=exclude)
+            return self._with_handles(matches, s)
 
     def _with_handles(self, matches: list[Match], session: Session | None = None) -> list[dict]:
         if not matches:
@@ -466,7 +448,9 @@ class Vault:
     def store_enrollment(self, handle: str, face: bytes, *,
                          consent_request: ConsentRequest | None = None,
                          extra: dict[str, bytes] | None = None,
-                         actor: str | None = None) -> EnrollmentResult:
+                         actor: str | None = None, uid: str | None = None,
+                         finish: Callable[[Session, EnrollmentResult], None] | None = None
+                         ) -> EnrollmentResult:
         """Dedupe a face artifact and store it (and ``extra`` artifacts) atomically.
 
         A new identity needs ``consent_request``. Its faces are searched in the
@@ -476,20 +460,33 @@ class Vault:
         review, and an existing one is refused. Photos added to an existing
         identity must resemble its enrolled photos; they are merged into its
         face artifact.
+
+        ``uid`` gives a new identity its uid (photos staged for an enrollment job are
+        sealed under that identity's data key before the identity exists). ``finish``
+        runs in the enrollment's transaction, before it commits (a job marks itself
+        done there, so a crash cannot leave a stored enrollment whose job would run
+        again).
         """
         actor = actor or _actor()
         h = Handle.parse(handle)
+        if uid is not None:
+            try:
+                uid = str(uuid.UUID(uid))
+            except (ValueError, TypeError, AttributeError):
+                raise InvalidInput(f"not an identity uid: {uid!r}") from None
         decoded = codec.decode(face, kind="face", max_bytes=self.settings.max_artifact_bytes)
         extras = {kind: (codec.decode(p, kind=kind, max_bytes=self.settings.max_artifact_bytes),
                          p) for kind, p in (extra or {}).items()}
         model_id = decoded.model_id
-        with self.session() as s:
+        with self.session(read_only=True) as s:
             owner_id = identities.get_owner(s, h.owner).id
-        if owner_id not in self.index.loaded_owners:
-            self._load_owner_index(owner_id)  # before the write transaction below
+        self.dedupe.ensure(owner_id)  # a first full load, before the owner's lock
         with self.session() as s:
             owner = identities.get_owner(s, h.owner)
-            s.execute(select(Owner.id).where(Owner.id == owner.id).with_for_update())
+            # One enrollment decision per owner at a time, in every process: caught up
+            # with every change committed before the lock, this search sees them all.
+            dedupe_log.lock_owner(s, owner.id)
+            self.dedupe.catch_up(s, owner.id)
             try:
                 existing: Identity | None = identities.get_identity(s, h, lock=True)
             except NotFound:
@@ -524,7 +521,8 @@ class Vault:
                     f"{hint}", handle=top_match["handle"], score=top_match["score"],
                     decision=top_match["decision"])
             if existing is None:
-                identity = identities.create_identity(s, h, consent_request, actor=actor)
+                identity = identities.create_identity(s, h, consent_request, actor=actor,
+                                                      uid=uid)
                 status = "held" if top_match and top_match["decision"] == "review" else "active"
                 identity.status = status
                 payload, added = face, len(decoded.tensors["normed"])
@@ -551,10 +549,11 @@ class Vault:
                          details={"status": status, "photos": added, "model_id": model_id,
                                   "kinds": [a.kind for a in stored], "review": review_id,
                                   "top_match": top_match})
-            owner_id, identity_id = owner.id, identity.id
-            final = codec.decode(payload, kind="face").tensors["normed"]
-        self.index.replace(owner_id, model_id, identity_id, final)
-        return EnrollmentResult(str(h), status, stored, top_match, review_id, added)
+            dedupe_log.record(s, owner.id, identity.id, "add")
+            result = EnrollmentResult(str(h), status, stored, top_match, review_id, added)
+            if finish is not None:
+                finish(s, result)
+        return result
 
     def _merge_faces(self, identity: Identity, new: codec.DecodedArtifact,
                      new_payload: bytes) -> tuple[bytes, int]:
@@ -628,11 +627,7 @@ class Vault:
                 if review.candidate_id is not None:
                     identities.record_not_same(s, review.handle, review.candidate_handle,
                                                actor=actor)
-            owner_id = identity.owner_id
-        if accept:
-            if owner_id in self.index.loaded_owners:
-                self._load_owner_index(owner_id)
-        else:
+        if not accept:  # (accepted: a held identity is indexed already)
             doc["receipt"] = self.delete_identity(doc["handle"], actor=actor,
                                                   reason="enrollment rejected in review")
         return doc
@@ -641,8 +636,10 @@ class Vault:
     def withdraw_consent(self, handle: str, *, reason: str | None = None,
                          actor: str | None = None) -> dict:
         """Withdraw consent now; erase at once when the owner's policy says so."""
+        h = Handle.parse(handle)
         with self.session() as s:
-            identity = identities.get_identity(s, handle, lock=True)
+            dedupe_log.lock_owner(s, identities.get_owner(s, h.owner).id)
+            identity = identities.get_identity(s, h, lock=True)
             record = identity.consent
             if record.withdrawn_at is not None:
                 raise AlreadyExists(f"consent for {identity.handle} was already withdrawn")
@@ -652,8 +649,9 @@ class Vault:
             audit.append(s, "consent.withdraw", actor=actor or _actor(),
                          owner=identity.owner.name, subject=identity.handle,
                          details={"consent": record.uid, "erase_policy": policy})
+            dedupe_log.record(s, identity.owner_id, identity.id, "remove")
             owner_id, identity_id = identity.owner_id, identity.id
-        self.index.remove(owner_id, identity_id)
+        self.index.remove(owner_id, identity_id)  # this process at once; others at catch-up
         result: dict = {"handle": str(Handle.parse(handle)), "withdrawn": True,
                         "erase_policy": policy}
         if policy == "immediate":
@@ -661,12 +659,13 @@ class Vault:
                                                      reason="consent withdrawn")
         return result
 
-    def sweep_retention(self, *, today: dt.date | None = None,
-                        actor: str | None = None) -> list[dict]:
-        """Erase identities whose consent's retention date has passed."""
+    def sweep_retention(self, *, today: dt.date | None = None, actor: str | None = None,
+                        owner: str | None = None) -> list[dict]:
+        """Erase identities (of ``owner``, or every owner's) whose consent's retention date
+        has passed."""
         today = today or dt.date.today()
         with self.session() as s:
-            due = [i.handle for i in identities.list_identities(s, limit=10**9)
+            due = [i.handle for i in identities.list_identities(s, owner, limit=10**9)
                    if i.consent.retain_until < today]
         return [self.delete_identity(h, actor=actor, reason="retention period ended")
                 for h in due]
@@ -687,12 +686,14 @@ class Vault:
         staged_photos.discard_identity(self, uid)  # unreadable already; now gone too
         removed = self.index.remove(owner_id, identity_id)
         with self.session() as s:
+            dedupe_log.lock_owner(s, owner_id)
             identity = identities.get_identity(s, h, lock=True)
             s.execute(delete(NotSamePair).where((NotSamePair.identity_a == identity_id)
                                                 | (NotSamePair.identity_b == identity_id)))
             s.execute(delete(Job).where(Job.identity_id == identity_id))
             s.delete(identity)
             s.flush()
+            dedupe_log.record(s, owner_id, identity_id, "remove")
             erased_at = utcnow()
             images = generated_images.remove_showing(s, self.settings.data_dir, owner_id,
                                                      str(h), reason=reason, now=erased_at)

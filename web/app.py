@@ -66,7 +66,7 @@ class WebConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # IDVAULT_MAX_REQUEST_BYTES
     max_photos: int = 32  # photos per enrollment request
     trust_proxy: bool = False  # IDVAULT_TRUST_PROXY
-    run_jobs: bool = True  # start the embedded job worker thread
+    run_jobs: bool = True  # start the embedded job worker thread (never with a broker)
     # Modules imported at start so the job kinds they register can run here
     # (e.g. the generator's); IDVAULT_JOB_MODULES, comma-separated.
     job_modules: tuple[str, ...] = ()
@@ -112,18 +112,24 @@ class WebConfig:
 
 
 class AppState:
-    """What the views share: the vault, the job queue, the face analyser, locks."""
+    """What the views share: the vault, the job queue, the face analyser."""
 
     def __init__(self, config: WebConfig, vault: Vault, owns_vault: bool) -> None:
         self.config = config
         self.vault = vault
         self.owns_vault = owns_vault
-        self.jobs = JobQueue(vault)
+        dispatch = None
+        if vault.settings.broker_url:  # scale-out: the workers run the jobs
+            from web.workers.celery_app import dispatcher
+            from web.workers.runtime import load_kinds
+
+            load_kinds()
+            dispatch = dispatcher(vault.settings.broker_url)
+        self.jobs = JobQueue(vault, dispatch=dispatch)
         self.jobs.models_dir = config.models_dir  # type: ignore[attr-defined]  # generate jobs
         self.login_throttle = LoginThrottle(limit=config.login_attempts)
         self._enroller = None
         self._lock = threading.Lock()
-        self._owner_locks: dict[str, threading.Lock] = {}
         self._read_engine = _read_engine(vault)
 
     def enroller(self):
@@ -136,7 +142,7 @@ class AppState:
 
                     analyzer = FaceAnalyzer.from_models_dir(self.config.models_dir,
                                                             pack=self.config.pack)
-                    self._enroller = Enroller(LockedStore(self.vault, self), analyzer,
+                    self._enroller = Enroller(self.vault, analyzer,
                                               models_dir=self.config.models_dir)
         return self._enroller
 
@@ -153,11 +159,6 @@ class AppState:
         with Session(self._read_engine, expire_on_commit=False) as s, s.begin():
             yield s
             s.rollback()
-
-    def owner_lock(self, owner: str) -> threading.Lock:
-        """Serialises this process's enrollment writes per owner (dedupe index consistency)."""
-        with self._lock:
-            return self._owner_locks.setdefault(owner, threading.Lock())
 
     def close(self) -> None:
         self.jobs.stop()
@@ -188,27 +189,6 @@ def _read_engine(vault: Vault) -> Engine:
         conn.exec_driver_sql("BEGIN")  # deferred: a WAL read snapshot, no write lock
 
     return reader
-
-
-class LockedStore:
-    """The vault, with ``store_enrollment`` under the owner's lock of this process.
-
-    The dedupe index is updated right after the enrollment's transaction
-    commits; holding the owner's lock across both keeps a concurrent
-    enrollment of the same owner from searching the index in between.
-    """
-
-    def __init__(self, vault: Vault, state: AppState) -> None:
-        self._vault, self._state = vault, state
-
-    def __getattr__(self, name: str):
-        return getattr(self._vault, name)
-
-    def store_enrollment(self, handle: str, *args, **kwargs):
-        from vault.handles import Handle
-
-        with self._state.owner_lock(Handle.parse(handle).owner):
-            return self._vault.store_enrollment(handle, *args, **kwargs)
 
 
 class _SessionInterface(SecureCookieSessionInterface):
@@ -304,7 +284,7 @@ def create_app(config: WebConfig | None = None) -> Flask:
 
         return {"csrf_token": csrf_token, "principal": principal}
 
-    if config.run_jobs:
+    if config.run_jobs and state.jobs.dispatch is None:
         state.jobs.start()
     return app
 

@@ -14,15 +14,20 @@ decrypted identity data, which stays in memory for the length of the call.
 Erasing an identity removes every stored image that shows it (the job keeps
 its record, with ``image_removed``). An identity erased, or its consent
 withdrawn, while its scene is being made fails the job and leaves no image:
-the identities are checked again after the image is written.
+the image, the ``generate`` audit events and the job's completion commit in
+one transaction, under the owner's lock, after the identities are checked
+again. So a job delivered twice (a scale-out worker died) makes one image and
+one set of events.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from pathlib import Path
 
+from vault import dedupe_log, identities
 from vault.errors import InvalidInput, NotFound
 from vault.generated_images import image_path
 from vault.jobs import JobContext, JobKind, register_kind
@@ -122,42 +127,53 @@ def pipeline(vault, models_dir):
         return pipe
 
 
-def run(ctx: JobContext) -> dict:
+def run(ctx: JobContext) -> None:
     p = validate(ctx.params)
     ctx.progress(0.0, "loading the models")
     pipe = pipeline(ctx.vault, getattr(ctx.queue, "models_dir", None))
     ctx.progress(0.02, "composing")
+    started = time.perf_counter()
+    data_dir = Path(ctx.vault.settings.data_dir)
+    path = image_path(data_dir, ctx.job_id)
 
     def progress(done: int, total: int) -> None:
         ctx.progress(0.02 + 0.96 * done / max(total, 1), f"denoising: step {done} of {total}")
 
-    size = tuple(p["size"]) if "size" in p else None
-    result = pipe(p["prompt"], owner=ctx.owner, actor=f"job:{ctx.job_id}",
-                  layout=p.get("layout"), seed=p["seed"], steps=p["steps"], size=size,
-                  method=p["method"], commercial=p["commercial"], progress=progress)
-    data_dir = Path(ctx.vault.settings.data_dir)
-    path = image_path(data_dir, ctx.job_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    manifest = result.save(path)  # written beside it and renamed into place
-    try:
-        # An identity erased (its images removed) or its consent withdrawn while the scene
-        # was being made: the image must not outlive that.
+    def finish(s, result) -> None:
+        # In the transaction of the generation's audit events: the image, the events and
+        # the job's "done" commit together. Under the owner's lock, which an erasure
+        # takes too, the identities are checked again: one erased or withdrawn while the
+        # scene was made fails the job, and an erasure after this commit finds the job
+        # done and removes its image (vault.generated_images).
+        with ctx.vault.session(read_only=True) as r:
+            owner_id = identities.get_owner(r, ctx.owner).id
+        dedupe_log.lock_owner(s, owner_id)
         preflight(ctx.vault, ctx.owner, p)
-    except Exception:
-        path.unlink(missing_ok=True)
-        raise
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    width, height = result.image.size
-    return {"image": str(path.relative_to(data_dir)), "sha256": digest,
+        path.parent.mkdir(parents=True, exist_ok=True)
+        manifest = result.save(path)  # written beside it and renamed into place
+        width, height = result.image.size
+        ctx.finish(s, {
+            "image": str(path.relative_to(data_dir)),
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "bytes": path.stat().st_size, "width": width, "height": height,
             "seed": p["seed"], "steps": p["steps"],
-            "identities": [i.get("handle") for i in (manifest or {}).get("identities", [])],
+            "identities": [i.get("handle") for i in manifest.get("identities", [])],
             "methods": dict(result.methods),
-            "seconds": round(float(result.timings.get("total", 0.0)), 3),
-            "generation_id": result.generation_id}
+            "seconds": round(time.perf_counter() - started, 3),
+            "generation_id": result.generation_id})
+
+    size = tuple(p["size"]) if "size" in p else None
+    try:
+        pipe(p["prompt"], owner=ctx.owner, actor=f"job:{ctx.job_id}", layout=p.get("layout"),
+             seed=p["seed"], steps=p["steps"], size=size, method=p["method"],
+             commercial=p["commercial"], progress=progress, finish=finish)
+    except BaseException:
+        path.unlink(missing_ok=True)  # nothing committed: no image either
+        raise
 
 
 register_kind(JobKind(
-    KIND, run, scope="generate", validate=validate, preflight=preflight,
+    KIND, run, scope="generate", validate=validate, preflight=preflight, queue="gpu",
+    time_limit=3600.0,
     description="compose a scene of enrolled identities from a prompt with @handles "
                 "(signed PNG with provenance; GET /v1/jobs/{id}/image)"), replace=True)

@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 JOB_KINDS = ("celeb_basis", "lidb")
 LIDB_MODES = ("fast", "scratch")
 HYPERNETWORK_FILE = "lidb_hypernetwork.safetensors"
+# A fit resumes from its checkpoints; one run may take this long (Celeb Basis' 400 steps
+# took hours on 2 CPU cores, minutes on a GPU).
+FIT_TIME_LIMIT = 12 * 3600.0
 # A folder name inside the models folder: no separators, no leading dot.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 
@@ -215,7 +218,7 @@ def _progress(ctx, label: str) -> Callable[[int, int, float], None]:
     return update
 
 
-def run_celeb_basis_job(ctx) -> dict:
+def run_celeb_basis_job(ctx) -> None:
     """Fit the identity's Celeb Basis coefficients; seal them as a ``celeb_basis`` artifact."""
     from encoders.fitting import celeb_basis as cb
 
@@ -238,17 +241,27 @@ def run_celeb_basis_job(ctx) -> dict:
                                      progress=_progress(ctx, "celeb_basis"))
     payload = cb.coefficients_payload(result.coefficients[0], basis_id=basis.id,
                                       model_id=model_id)
-    stored = ctx.vault.put_artifact(ctx.identity, "celeb_basis", payload,
-                                    actor=f"job:{ctx.job_id}")
+    summary = {"kind": "celeb_basis", "model_id": model_id, "basis_id": basis.id,
+               "steps": result.fit.steps, "resumed_from": result.fit.resumed_from,
+               "first_loss": result.fit.losses[0] if result.fit.losses else None,
+               "last_loss": result.fit.losses[-1] if result.fit.losses else None}
+    ctx.vault.put_artifact(ctx.identity, "celeb_basis", payload, actor=f"job:{ctx.job_id}",
+                           finish=_done_with(ctx, summary))
     cps.clear()
-    return {"artifact": stored.id, "kind": "celeb_basis", "model_id": model_id,
-            "basis_id": basis.id, "steps": result.fit.steps,
-            "resumed_from": result.fit.resumed_from,
-            "first_loss": result.fit.losses[0] if result.fit.losses else None,
-            "last_loss": result.fit.losses[-1] if result.fit.losses else None}
+    return None  # done, with its result, in the artifact's transaction
 
 
-def run_lidb_job(ctx) -> dict:
+def _done_with(ctx, summary: dict):
+    """Mark the job done in the transaction that stores its artifact: a job delivered
+    again after a crash finds it done and stores nothing twice."""
+
+    def finish(s, stored) -> None:
+        ctx.finish(s, {"artifact": stored.id, **summary})
+
+    return finish
+
+
+def run_lidb_job(ctx) -> None:
     """Fit LiDB train factors for the identity; seal them as a ``lidb`` artifact."""
     from encoders.fitting import lidb
 
@@ -270,15 +283,15 @@ def run_lidb_job(ctx) -> dict:
         weights, fit = lidb.fit_lidb(model, images, cfg, rank=rank, seed=int(p.get("seed", 0)),
                                      start=start, resume=cps.load(), save=cps.save,
                                      progress=_progress(ctx, f"lidb ({mode})"))
-    stored = ctx.vault.put_artifact(ctx.identity, "lidb",
-                                    weights.payload(model_id=model_id),
-                                    actor=f"job:{ctx.job_id}")
+    summary = {"kind": "lidb", "model_id": model_id, "mode": mode, "rank": rank,
+               "layers": len(weights.layers), "hypernetwork": start is not None,
+               "steps": fit.steps, "resumed_from": fit.resumed_from,
+               "first_loss": fit.losses[0] if fit.losses else None,
+               "last_loss": fit.losses[-1] if fit.losses else None}
+    ctx.vault.put_artifact(ctx.identity, "lidb", weights.payload(model_id=model_id),
+                           actor=f"job:{ctx.job_id}", finish=_done_with(ctx, summary))
     cps.clear()
-    return {"artifact": stored.id, "kind": "lidb", "model_id": model_id, "mode": mode,
-            "rank": rank, "layers": len(weights.layers), "hypernetwork": start is not None,
-            "steps": fit.steps, "resumed_from": fit.resumed_from,
-            "first_loss": fit.losses[0] if fit.losses else None,
-            "last_loss": fit.losses[-1] if fit.losses else None}
+    return None
 
 
 def register_jobs(*, replace_existing: bool = True) -> None:
@@ -287,12 +300,12 @@ def register_jobs(*, replace_existing: bool = True) -> None:
 
     register_kind(JobKind(
         "celeb_basis", run_celeb_basis_job, scope="generate", validate=_validate("celeb_basis"),
-        needs_identity=True, trusted_params=True,
+        needs_identity=True, trusted_params=True, queue="gpu", time_limit=FIT_TIME_LIMIT,
         description="fit Celeb Basis coefficients for an identity (consent: personalize)"),
         replace=replace_existing)
     register_kind(JobKind(
         "lidb", run_lidb_job, scope="generate", validate=_validate("lidb"), needs_identity=True,
-        trusted_params=True,
+        trusted_params=True, queue="gpu", time_limit=FIT_TIME_LIMIT,
         description="fit HyperDreamBooth LiDB weights for an identity (consent: personalize)"),
         replace=replace_existing)
 

@@ -237,14 +237,17 @@ def test_an_identity_erased_while_its_scene_is_made_leaves_no_image(gen_web):
     job = generate(web, prompt="@smiths/ana by a window")
     real = generation.pipeline
 
-    class ErasedMeanwhile:  # the pipeline, with ana erased as its call ends
+    class ErasedMeanwhile:  # the pipeline, with ana erased at its last denoising step
         def __init__(self, pipe) -> None:
             self.pipe = pipe
 
-        def __call__(self, *args, **kwargs):
-            out = self.pipe(*args, **kwargs)
-            web.vault.delete_identity("smiths/ana", actor="test")
-            return out
+        def __call__(self, *args, progress, **kwargs):
+            def erase_at_the_end(done: int, total: int) -> None:
+                progress(done, total)
+                if done == total:
+                    web.vault.delete_identity("smiths/ana", actor="test")
+
+            return self.pipe(*args, progress=erase_at_the_end, **kwargs)
 
     generation.pipeline = lambda vault, models_dir: ErasedMeanwhile(real(vault, models_dir))
     try:

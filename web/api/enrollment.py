@@ -6,20 +6,30 @@ result per photo; a face matching an existing identity of the owner is
 refused (409) naming it; a face in the review band is stored ``held`` with a
 pending review (201). ``POST /photos/check`` analyses photos without storing
 anything, for per-photo feedback while a person picks them.
+
+On a scale-out deployment (a broker is set) this node runs no models: it
+checks what it can (handle, consent, kinds, that every photo decodes), stages
+the photos sealed under the identity's data key and answers 202 with an
+``enroll`` job (:mod:`encoders.enrollment_job`) that a worker runs; the job's
+result is the report, its error the refusal. ``/photos/check`` needs the face
+models, so there it answers 503.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 
 from flask import jsonify, request
 
-from vault import identities
+from encoders.photo import load_photo
+from vault import identities, staged_photos
+from vault.artifact_kinds import ENROLL_KINDS
 from vault.errors import InvalidInput, NotFound, PhotoRejected
 from web.api.blueprint import HANDLE_PARAMS, ApiBlueprint, json_response, ref, state
 from web.api.identities import parse_consent
 from web.auth import handle_in_owner, require
-from web.errors import UnsupportedMediaType
+from web.errors import ServiceUnavailable, UnsupportedMediaType
 
 bp = ApiBlueprint("enrollment", __name__, tag="enrollment")
 
@@ -85,19 +95,70 @@ def parse_pick(raw: str | None):
     raise InvalidInput("'pick' must be 'largest' or a face index 0-63 (0 = leftmost)")
 
 
+def check_decodable(photos: list[bytes], names: list[str]) -> None:
+    """Refuse the request unless every photo decodes, with one result per photo (what a
+    node without face models can check before it stages the photos for a worker)."""
+    reasons = {}
+    for data, label in zip(photos, names, strict=True):
+        try:
+            load_photo(data, name=label)
+        except PhotoRejected as exc:
+            reasons[label] = str(exc)
+    if reasons:
+        results = [{"photo": n, "ok": n not in reasons, "reason": reasons.get(n)}
+                   for n in names]
+        raise PhotoRejected(f"{len(reasons)} of {len(names)} photos cannot be used: "
+                            f"{next(iter(reasons.values()))}", photos=results)
+
+
 def enroll_photos(p, handle: str, photos: list[bytes], names: list[str], *,
                   consent=None, pick=None, kinds: tuple[str, ...] = ("face",)):
     """``Enroller.enroll`` for the caller: the EnrollmentReport, or per-photo rejections.
 
-    The app's enroller stores through ``AppState``'s per-owner lock (see
-    ``web.app.LockedStore``), so two enrollments of one owner in this process
-    cannot both miss each other in the dedupe index; analysis runs unlocked.
+    The vault serialises an owner's enrollment decisions across threads and
+    processes (``vault.dedupe_log``); analysis runs unlocked.
     """
     try:
         return state().enroller().enroll(handle, photos, consent=consent, kinds=kinds,
                                          names=names, pick=pick, actor=p.actor)
     except PhotoRejected as exc:
         raise per_photo(names, exc) from None
+
+
+def scale_out() -> bool:
+    """Whether model work goes to the workers (a broker is set) rather than this node."""
+    return state().jobs.dispatch is not None
+
+
+def queue_enrollment(p, handle: str, photos: list[bytes], names: list[str], *,
+                     consent=None, pick=None, kinds: tuple[str, ...] = ("face",)) -> dict:
+    """Stage the photos sealed and queue an ``enroll`` job for a worker; the job (a dict).
+
+    A new identity (``consent`` given) gets its uid and data key now, so that its
+    photos are sealed under its own key before it exists. On any failure nothing
+    stays staged, no key is left and nothing is queued.
+    """
+    from encoders.enrollment_job import KIND, forget_new_identity
+
+    st = state()
+    check_decodable(photos, names)
+    uid = str(uuid.uuid4()) if consent is not None else None
+    params: dict = {"handle": handle, "kinds": list(kinds), "pick": pick}
+    if uid is not None:
+        params |= {"uid": uid, "consent": consent.to_dict()}
+    staged = staged_photos.stage(st.vault, handle, photos, names=names, actor=p.actor,
+                                 purpose="enroll", uid=uid)
+    try:
+        return st.jobs.submit(p.owner, KIND, {**params, "staged": staged.to_json()},
+                              identity=None if uid else handle, actor=p.actor)
+    except BaseException:
+        if uid is not None:
+            forget_new_identity(st.vault, uid)
+        else:
+            with st.vault.session(read_only=True) as s:
+                staged_photos.discard(st.vault, identities.get_identity(s, handle).uid,
+                                      staged.id)
+        raise
 
 
 def identity_exists(handle: str) -> bool:
@@ -112,8 +173,6 @@ def identity_exists(handle: str) -> bool:
 def parse_kinds(raw: str | None) -> tuple[str, ...]:
     if raw is None or not raw.strip():
         return ("face",)
-    from encoders.enrollment import ENROLL_KINDS
-
     kinds = tuple(dict.fromkeys(k.strip() for k in raw.split(",") if k.strip()))
     unknown = [k for k in kinds if k not in ENROLL_KINDS]
     if unknown or len(raw) > 64:
@@ -150,6 +209,8 @@ def per_photo(names: list[str], exc: PhotoRejected) -> PhotoRejected:
                                 ref("EnrollmentReport")),
            "200": json_response("photos added to an existing identity",
                                 ref("EnrollmentReport")),
+           "202": json_response("a scale-out deployment: queued as an 'enroll' job for a "
+                                "worker; its result is the report", ref("Job")),
            "409": json_response("the face matches an existing identity (details: handle, "
                                 "score, decision), or the identity is held", ref("Error")),
            "422": json_response("photos rejected (details.photos: one result per photo) or "
@@ -183,8 +244,12 @@ def enroll(owner: str, name: str):
     elif not exists:
         raise InvalidInput(f"{handle} is a new identity: enrolling it needs a consent record "
                            "(the 'consent' field)")
-    report = enroll_photos(p, handle, photos, names, consent=consent, pick=pick,
-                           kinds=parse_kinds(request.form.get("kinds")))
+    kinds = parse_kinds(request.form.get("kinds"))
+    if scale_out():
+        job = queue_enrollment(p, handle, photos, names, consent=consent, pick=pick,
+                               kinds=kinds)
+        return jsonify(job), 202
+    report = enroll_photos(p, handle, photos, names, consent=consent, pick=pick, kinds=kinds)
     return jsonify(report.to_json()), (200 if report.status == "updated" else 201)
 
 
@@ -193,10 +258,16 @@ def enroll(owner: str, name: str):
        body={"required": True, "content": {"multipart/form-data": {"schema": {
            "type": "object", "required": ["photos"],
            "properties": {"photos": PHOTOS_SCHEMA, "pick": PICK_SCHEMA}}}}},
-       responses={"200": json_response("one result per photo", ref("PhotoChecks"))})
+       responses={"200": json_response("one result per photo", ref("PhotoChecks")),
+                  "503": json_response("no face models on this node (a scale-out "
+                                       "deployment)", ref("Error"))})
 def check_photos():
     require("identities:write")
     multipart({"pick", "csrf_token"}, PHOTO_FIELDS)
+    if scale_out():
+        raise ServiceUnavailable("this API node runs no face models (a scale-out deployment: "
+                                 "the workers do); enroll the photos, and the enrollment job "
+                                 "reports each photo that cannot be used")
     photos, names = read_photos()
     pick = parse_pick(request.form.get("pick"))
     analyzer = state().enroller().analyzer

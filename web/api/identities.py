@@ -125,9 +125,8 @@ def delete_identity(owner: str, name: str):
     handle = handle_in_owner(p, owner, name)
     st = state()
     st.vault.describe(handle)  # 404 before anything is touched
-    with st.owner_lock(p.owner):
-        receipt = st.vault.delete_identity(handle, actor=p.actor,
-                                           reason=f"requested by {p.actor}")
+    receipt = st.vault.delete_identity(handle, actor=p.actor,
+                                       reason=f"requested by {p.actor}")
     return jsonify(receipt)
 
 
@@ -155,6 +154,5 @@ def withdraw_consent(owner: str, name: str):
         doc = json_body(optional=("reason",))
         reason = string_field(doc, "reason", max_len=500, required=False)
     st = state()
-    with st.owner_lock(p.owner):
-        result = st.vault.withdraw_consent(handle, reason=reason, actor=p.actor)
+    result = st.vault.withdraw_consent(handle, reason=reason, actor=p.actor)
     return jsonify(result)

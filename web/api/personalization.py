@@ -21,11 +21,10 @@ from pathlib import Path
 from flask import jsonify, request
 
 import encoders.fitting.jobs as personalize
-from encoders.photo import load_photo
 from vault import identities, staged_photos
-from vault.errors import InvalidInput, PhotoRejected
+from vault.errors import InvalidInput
 from web.api.blueprint import HANDLE_PARAMS, ApiBlueprint, json_response, ref, state
-from web.api.enrollment import PHOTOS_SCHEMA, multipart, read_photos
+from web.api.enrollment import PHOTOS_SCHEMA, check_decodable, multipart, read_photos
 from web.auth import handle_in_owner, require
 
 bp = ApiBlueprint("personalization", __name__, tag="personalization")
@@ -54,6 +53,12 @@ def _int_field(name: str, lo: int, hi: int) -> int | None:
 
 def _base_model(raw: str | None) -> str:
     available = base_models(state().config.models_dir)
+    if not available and state().jobs.dispatch is not None:
+        # A scale-out API node without the models: the worker checks the name.
+        if not raw or not personalize.MODEL_NAME.match(raw):
+            raise InvalidInput("name the base model in 'base_model': a folder of the "
+                               "workers' models folder")
+        return raw
     if not available:
         raise InvalidInput("this server has no diffusers base model in its models folder "
                            "(IDVAULT_MODELS) to fit against")
@@ -66,21 +71,6 @@ def _base_model(raw: str | None) -> str:
         raise InvalidInput(f"no base model {raw[:100]!r} on this server (installed: "
                            f"{', '.join(available)})")
     return raw
-
-
-def _check_photos(photos: list[bytes], names: list[str]) -> None:
-    """Refuse the request unless every photo decodes, with one result per photo."""
-    reasons = {}
-    for data, label in zip(photos, names, strict=True):
-        try:
-            load_photo(data, name=label)
-        except PhotoRejected as exc:
-            reasons[label] = str(exc)
-    if reasons:
-        results = [{"photo": n, "ok": n not in reasons, "reason": reasons.get(n)}
-                   for n in names]
-        raise PhotoRejected(f"{len(reasons)} of {len(names)} photos cannot be used: "
-                            f"{next(iter(reasons.values()))}", photos=results)
 
 
 def parse_form() -> tuple[str, dict]:
@@ -113,7 +103,7 @@ def queue_fit(p, handle: str, kind: str, params: dict, photos: list[bytes],
     st = state()
     with st.vault.session(read_only=True) as s:
         identities.check_usable(identities.get_identity(s, handle), "personalize")
-    _check_photos(photos, names)
+    check_decodable(photos, names)
     staged = staged_photos.stage(st.vault, handle, photos, names=names, actor=p.actor)
     try:
         return st.jobs.submit(p.owner, kind, {**params, "staged": staged.to_json()},

@@ -443,10 +443,12 @@ _register_face_commands(cli)
 from web.cli.generate import register as _register_generate_commands
 from web.cli.personalize import register as _register_personalize_commands
 from web.cli.server import register as _register_web_commands
+from web.cli.worker import register as _register_worker_commands
 
 _register_generate_commands(cli)
 _register_personalize_commands(cli)  # adds `artifact export`: after the core groups
 _register_web_commands(cli)
+_register_worker_commands(cli)
 
 
 @cli.command()

@@ -48,17 +48,24 @@ def _read_password(from_stdin: bool) -> str | None:
                    "~/.insightface].")
 @click.option("--pack", default="buffalo_l", show_default=True,
               help="Face model pack name (buffalo_l, antelopev2).")
+@click.option("--broker-url", default=None,
+              help="Scale-out: send jobs to the workers over this Redis broker instead of "
+                   "running them here [env IDVAULT_BROKER_URL].")
 @vault_options
 def serve(host: str, port: int, threads: int, models_dir: Path | None, pack: str,
-          settings: Settings) -> None:
+          broker_url: str | None, settings: Settings) -> None:
     """Serve the web UI and the JSON API (/v1) on a production WSGI server.
 
     Prints the URL and how to sign in. On the first start (no accounts yet) it
-    creates the superuser 'admin' and prints its one-time password.
+    creates the superuser 'admin' and prints its one-time password. With a
+    broker it is an API node: jobs (enrollment from photos, generation, fits)
+    go to `idvault worker` processes; without one it runs them itself.
     """
     from web.app import WebConfig, create_app
     from web.serve import serve as run
 
+    if broker_url:
+        settings = settings.with_(broker_url=broker_url)
     vault = open_vault(settings)
     config = WebConfig.from_env(vault=vault, models_dir=models_dir, pack=pack)
     app = create_app(config)

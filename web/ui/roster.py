@@ -28,7 +28,9 @@ from web.api.enrollment import (
     identity_exists,
     parse_kinds,
     parse_pick,
+    queue_enrollment,
     safe_names,
+    scale_out,
 )
 from web.api.identities import parse_consent
 from web.api.personalization import base_models, parse_form, queue_fit
@@ -112,9 +114,16 @@ def enroll():
                 raise InvalidInput("the evidence file is limited to 20 MB")
         consent = parse_consent(_consent_doc(form), evidence_bytes)
         names = safe_names([f.filename for f in files])
-        report = enroll_photos(p, handle, [f.read() for f in files], names, consent=consent,
-                               pick=parse_pick(form.get("pick")),
-                               kinds=parse_kinds(",".join(form.getlist("kinds"))))
+        photos, pick = [f.read() for f in files], parse_pick(form.get("pick"))
+        kinds = parse_kinds(",".join(form.getlist("kinds")))
+        if scale_out():  # the workers analyse the faces: follow the job's progress
+            job = queue_enrollment(p, handle, photos, names, consent=consent, pick=pick,
+                                   kinds=kinds)
+            notice(f"Enrolling {handle} (job {job['id'][:8]}): the photos are sealed and "
+                   "queued for a worker; its progress and result are below.")
+            return redirect(url_for("ui.roster.jobs"))
+        report = enroll_photos(p, handle, photos, names, consent=consent, pick=pick,
+                               kinds=kinds)
     except DuplicateIdentity as exc:
         return _wizard(409, form=kept, duplicate={"handle": exc.handle, "score": exc.score,
                                                   "decision": exc.decision,
@@ -196,7 +205,13 @@ def add_photos(owner: str, name: str):
     handle = handle_in_owner(p, owner, name)
     state().vault.describe(handle)
     try:
-        report = enroll_photos(p, handle, *_chosen_photos("photos"))
+        photos, names = _chosen_photos("photos")
+        if scale_out():
+            job = queue_enrollment(p, handle, photos, names)
+            notice(f"Adding {len(photos)} photo(s) to {handle} (job {job['id'][:8]}); its "
+                   "progress is on the Jobs page.")
+            return redirect(url_for("ui.roster.identity", owner=owner, name=name))
+        report = enroll_photos(p, handle, photos, names)
     except VaultError as exc:
         _refused("Photos not added", exc)
     else:
@@ -214,9 +229,8 @@ def delete(owner: str, name: str):
         notice(f"Not erased: type {handle} to confirm.", "error")
         return redirect(url_for("ui.roster.identity", owner=owner, name=name))
     st = state()
-    with st.owner_lock(p.owner):
-        receipt = st.vault.delete_identity(handle, actor=p.actor,
-                                           reason=f"requested by {p.actor}")
+    receipt = st.vault.delete_identity(handle, actor=p.actor,
+                                       reason=f"requested by {p.actor}")
     return page("receipt.html", handle=handle, receipt=json.dumps(receipt, indent=2,
                                                                   sort_keys=True))
 
@@ -231,8 +245,7 @@ def withdraw(owner: str, name: str):
         return redirect(url_for("ui.roster.identity", owner=owner, name=name))
     reason = request.form.get("reason", "").strip()[:500] or None
     st = state()
-    with st.owner_lock(p.owner):
-        result = st.vault.withdraw_consent(handle, reason=reason, actor=p.actor)
+    result = st.vault.withdraw_consent(handle, reason=reason, actor=p.actor)
     if "receipt" in result:
         return page("receipt.html", handle=handle, withdrawn=True,
                     receipt=json.dumps(result["receipt"], indent=2, sort_keys=True))
