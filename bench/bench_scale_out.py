@@ -25,8 +25,11 @@ What it measures
        worker's search must not match the erased person. Reported: matches (goal 0)
        and how soon after A's answer B's search ran.
 
-    The clients, servers and workers share this machine's cores: read ratios
-    against the baseline of the same run, not absolute figures.
+    Each worker runs its jobs on one thread (``OMP_NUM_THREADS=1``: a worker per core,
+    as one per GPU on a GPU machine) and has run a generation before it is timed
+    (models and methods loaded). The clients, servers and workers share this
+    machine's cores: read ratios against the baseline of the same run, not absolute
+    figures.
 
 How to run
     .venv/bin/python bench/bench_scale_out.py            # ~3 min on 2 cores
@@ -116,6 +119,17 @@ def _seconds(a: str, b: str) -> float:
     return (dt.datetime.fromisoformat(b) - dt.datetime.fromisoformat(a)).total_seconds()
 
 
+def warm(server, key: str, worker) -> None:
+    """Until ``worker`` has made a generation (its first loads the method's weights)."""
+    for attempt in range(20):
+        if "(generate): done" in worker.text():
+            return
+        ids = [submit(server, key, 100 + attempt * 2 + i)["id"] for i in range(2)]
+        for i in ids:
+            wait(server, key, i)
+    raise RuntimeError(f"{worker.name} ran no generation")
+
+
 def jobs_phase(server, key: str, latency_jobs: int, burst: int) -> dict:
     waits = []
     for i in range(latency_jobs):
@@ -201,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{os.cpu_count()} cores", "load_at_start": load0}
     try:
         a, b = d.serve("server-a", ml=False), d.serve("server-b", ml=False)
-        w1 = d.worker("worker-1")
+        one_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        w1 = d.worker("worker-1", env=one_thread)
         from tests.helpers import consent_doc
         from tests.web.web_fixtures import photo_bytes
 
@@ -209,11 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         r = a.post("/v1/identities/smiths/ana/enroll", key, files=files,
                    data={"consent": json.dumps(consent_doc()), "kinds": "face,photomaker"})
         assert wait(a, key, r.json()["id"])["status"] == "done"
-        wait(a, key, submit(a, key, 1)["id"])  # warm: the first generation loads the method
+        warm(a, key, w1)
         print("jobs, 1 worker ...", file=sys.stderr)
         out["jobs_1_worker"] = jobs_phase(a, key, args.latency_jobs, args.burst)
-        w2 = d.worker("worker-2")
-        wait(a, key, submit(a, key, 2)["id"])
+        w2 = d.worker("worker-2", env=one_thread)
+        warm(a, key, w2)
         print("jobs, 2 workers ...", file=sys.stderr)
         out["jobs_2_workers"] = jobs_phase(a, key, args.latency_jobs, args.burst)
         print("erasures ...", file=sys.stderr)

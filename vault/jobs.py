@@ -152,7 +152,6 @@ class JobContext:
         self.checkpoint = checkpoint
         self.attempt = attempt
         self.deadline: float | None = None  # time.monotonic() past which it must stop
-        self.finished = False
 
     def finish(self, s: Session, result: dict | None) -> None:
         """Mark the job done with ``result`` in the caller's transaction: the one that
@@ -163,7 +162,6 @@ class JobContext:
             raise JobCancelled("the job row is gone")
         job.status, job.finished_at, job.progress, job.result = "done", utcnow(), 1.0, result
         job.error = None
-        self.finished = True
 
     def progress(self, fraction: float, message: str | None = None) -> None:
         """Record progress (0..1); raises JobCancelled when a cancel was requested, and
@@ -328,9 +326,14 @@ class JobQueue:
         return [(uid, sid)] if uid else []
 
     def _discard(self, stages: list[tuple[str, str]]) -> None:
-        # After the commit: a job that ended keeps nothing of its photos.
+        # After the commit: a job that ended keeps nothing of its photos. A job that was to
+        # create the identity and did not (it failed, or was cancelled) leaves no data key.
         for uid, stage_id in stages:
             staged_photos.discard(self.vault, uid, stage_id)
+            with self.vault.session(read_only=True) as s:
+                created = s.scalar(select(Identity.id).where(Identity.uid == uid))
+            if created is None:
+                self.vault.keys.shred(uid)
 
     def _job(self, s: Session, job_id: str, owner: str | None, *, lock: bool = False) -> Job:
         try:

@@ -173,6 +173,10 @@ def discard(vault, identity_uid: str, stage_id: str) -> bool:
         return False
     existed = folder.is_dir()
     shutil.rmtree(folder, ignore_errors=True)
+    try:
+        folder.parent.rmdir()  # the identity's folder, once it holds no stage
+    except OSError:
+        pass
     return existed
 
 

@@ -231,3 +231,23 @@ def test_preflight_refuses_at_submission(family):
     assert job["status"] == "queued"
     # It sees the validated params and the submitting owner.
     assert seen[-1] == (True, "smiths", {"who": "smiths", "checked": True})
+
+
+def test_a_job_the_broker_could_not_take_stays_queued_for_the_sweep(family) -> None:
+    """Scale-out: the job row commits first; a dispatch that fails leaves it queued and
+    unsent, and the workers' sweep (JobQueue.lost) finds it to send again."""
+    from vault.jobs import JobQueue
+
+    def broker_away(job_id: str, kind: str, queue: str) -> None:
+        raise ConnectionError("redis: connection refused")
+
+    sent: list[tuple] = []
+    q = JobQueue(family, dispatch=broker_away)
+    job = q.submit("smiths", "rebuild_index", {}, actor="test")
+    assert q.get(job["id"])["status"] == "queued"
+    assert [j[0] for j in q.lost(grace=0.0, resend_after=3600.0)] == [job["id"]]
+    q.dispatch = lambda *j: sent.append(j)
+    assert q.send(job["id"], "rebuild_index", {})
+    assert sent == [(job["id"], "rebuild_index", "cpu")]
+    assert q.lost(grace=0.0, resend_after=3600.0) == []  # sent now: not again within the hour
+    assert [j[0] for j in q.lost(grace=0.0, resend_after=0.0)] == [job["id"]]

@@ -134,9 +134,11 @@ class Deployment:
     def imports_refused(self, server: Server) -> list[str]:
         return (self.root / f"{server.name}-imports.log").read_text().split()
 
-    def worker(self, name: str, *, queues: str = "gpu,cpu", warm: bool = True) -> Proc:
+    def worker(self, name: str, *, queues: str = "gpu,cpu", warm: bool = True,
+               env: dict[str, str] | None = None) -> Proc:
         args = ["worker", "--queues", queues, "--concurrency", "1", "--loglevel", "INFO"]
-        popen, log = self._start(name, args + (["--warm"] if warm else []), dict(self.env))
+        popen, log = self._start(name, args + (["--warm"] if warm else []),
+                                 {**self.env, **(env or {})})
         worker = Proc(name, popen, log)
         self.procs.append(worker)
         worker.wait_for(r"idvault worker ready", 90)

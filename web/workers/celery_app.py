@@ -41,6 +41,8 @@ BUSY_RETRIES = 200
 # Redis holds an unacknowledged message this long before another worker may take it
 # (a worker killed outright; one whose process died is redelivered at once).
 VISIBILITY_TIMEOUT = 3600
+PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.5,
+                 "interval_max": 1.0}
 
 
 def make_app(broker_url: str) -> Celery:
@@ -58,6 +60,7 @@ def make_app(broker_url: str) -> Celery:
                      for name in QUEUES],
         task_create_missing_queues=False,
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=2.0,
         broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
         worker_hijack_root_logger=False,
         # A pool process loads its models before it says it is up (--warm): give it time.
@@ -81,6 +84,9 @@ def dispatcher(broker_url: str):
         limit = spec.time_limit if spec is not None else None
         app_for(broker_url).send_task(
             TASK, args=[job_id], queue=queue,
-            time_limit=None if limit is None else limit + HARD_LIMIT_GRACE)
+            time_limit=None if limit is None else limit + HARD_LIMIT_GRACE,
+            # A broker that is away must not hold the request for long: the job is
+            # committed already, and a worker's sweep sends it later.
+            retry=True, retry_policy=PUBLISH_RETRY)
 
     return dispatch
