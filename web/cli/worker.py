@@ -45,7 +45,7 @@ def _queues(raw: str) -> tuple[str, ...]:
               help="Models folder: face packs, SDXL, PhotoMaker / StoryMaker [env "
                    "IDVAULT_MODELS].")
 @click.option("--warm/--no-warm", default=False, show_default=True,
-              help="Load the models before the first job.")
+              help="Load the dedupe indexes and the models before the first job.")
 @click.option("--loglevel", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @vault_options

@@ -63,8 +63,9 @@ def make_app(broker_url: str) -> Celery:
         broker_connection_timeout=2.0,
         broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
         worker_hijack_root_logger=False,
-        # A pool process loads its models before it says it is up (--warm): give it time.
-        worker_proc_alive_timeout=300.0,
+        # A pool process loads the indexes and models before it says it is up (--warm): a
+        # 1M-identity roster took ~4 minutes on 2 cores.
+        worker_proc_alive_timeout=3600.0,
         worker_send_task_events=False,
     )
     return app

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,11 +75,16 @@ class Runtime:
         self.jobs.models_dir = config.models_dir  # type: ignore[attr-defined]  # kinds read it
 
     def warm(self) -> None:
-        """Load what this worker's jobs need before the first one arrives: the face models
-        (every worker), and on a GPU worker the generator's pipeline when a base model
-        is installed. What cannot be loaded is said and left to the first job."""
+        """Load what this worker's jobs need before the first one arrives: every owner's
+        dedupe index (enrollments search it), the face models, and on a GPU worker the
+        generator's pipeline when a base model is installed. What cannot be loaded is
+        said and left to the first job."""
         from vault.errors import VaultError
 
+        started = time.monotonic()
+        stats = self.vault.rebuild_index()
+        log.info("warm: dedupe indexes loaded (%d identities of %d owners) in %.1f s",
+                 stats["identities"], stats["owners"], time.monotonic() - started)
         models = self.config.models_dir
         try:
             from encoders.enrollment_job import enroller
