@@ -121,6 +121,6 @@ def forget_new_identity(vault, uid: str) -> None:
 register_kind(JobKind(
     KIND, run, scope="identities:write", validate=validate, trusted_params=True,
     queue=queue, time_limit=1800.0,
-    description="enroll photos staged by the API (face analysis, dedupe, the artifacts "
-                "asked for); made by POST /v1/identities/{owner}/{name}/enroll on a "
-                "scale-out deployment"), replace=True)
+    description="enroll photos an API node staged: faces found and embedded, deduplicated, "
+                "the artifacts asked for computed (POST /v1/identities/{owner}/{name}/enroll "
+                "on a scale-out deployment)"), replace=True)

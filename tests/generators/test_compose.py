@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from generators.compose import ComposePipeline
-from generators.prompt_tokens import tokenize_prompt
 from generators.layout import MaskConfig, grid_for_length, parse_layout
 from generators.methods.photomaker import PhotoMakerSettings
+from generators.prompt_tokens import tokenize_prompt
 from generators.provenance import verify_image
 from tests.helpers import consent
 from vault import audit, codec

@@ -9,6 +9,7 @@ describes a whole deployment.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -16,7 +17,7 @@ import click
 from vault import errors
 from vault.config import Settings
 from vault.jobs import QUEUES
-from web.cli.common import vault_options
+from web.cli.common import open_vault, vault_options
 
 
 def _queues(raw: str) -> tuple[str, ...]:
@@ -64,8 +65,6 @@ def worker(broker_url: str | None, queues_raw: str, concurrency: int, pool: str,
       idvault worker --broker-url redis://redis:6379/0 --queues gpu \\
           --models /srv/models --warm
     """
-    import os
-
     from web.workers.runtime import WorkerConfig
     from web.workers.worker import run_worker
 
@@ -74,13 +73,12 @@ def worker(broker_url: str | None, queues_raw: str, concurrency: int, pool: str,
     if not settings.broker_url:
         raise errors.InvalidInput("a worker needs the broker: --broker-url redis://HOST:6379/0 "
                                   "or IDVAULT_BROKER_URL")
+    queues = _queues(queues_raw)
     models = models_dir or (Path(os.environ["IDVAULT_MODELS"])
                             if os.environ.get("IDVAULT_MODELS") else None)
-    from web.cli.common import open_vault
-
     with open_vault(settings):  # a wrong key or an unreachable database fails here, at once
         pass
-    config = WorkerConfig(settings, settings.broker_url, _queues(queues_raw), models, warm)
+    config = WorkerConfig(settings, settings.broker_url, queues, models, warm)
     return run_worker(config, concurrency=concurrency, pool=pool, loglevel=loglevel)
 
 
