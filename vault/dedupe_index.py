@@ -199,13 +199,6 @@ class DedupeIndex:
             hits = self.get(owner_id, model_id).search(vectors, k, exclude)
         return [Match(i, s, self.decide(s)) for i, s in hits]
 
-    def replace(self, owner_id: int, model_id: str, identity_id: int,
-                vectors: np.ndarray) -> None:
-        with self.lock:
-            idx = self.get(owner_id, model_id)
-            idx.remove(identity_id)
-            idx.add(identity_id, vectors)
-
     def remove(self, owner_id: int, identity_id: int) -> int:
         """Remove an identity from every model index of its owner; vectors removed."""
         with self.lock:

@@ -102,11 +102,6 @@ class IndexSync:
             self.applied[owner_id] = changes[-1][0]
             return len(changes)
 
-    def forget(self, owner_id: int) -> None:
-        with self.index.lock:
-            self.index.drop_owner(owner_id)
-            self.applied.pop(owner_id, None)
-
     def _current(self, s: Session, identity_ids: list[int]
                  ) -> list[tuple[int, str, np.ndarray]]:
         """``(identity_id, model_id, normed)`` per face artifact the identities have now; an

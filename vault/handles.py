@@ -8,9 +8,10 @@ Validation reports every rule a value breaks, not just the first.
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 
-from vault.errors import InvalidHandle
+from vault.errors import InvalidHandle, InvalidInput
 
 MAX_NAME = 32
 RESERVED = frozenset(
@@ -52,6 +53,14 @@ def validate_name(name: str) -> str:
     if failed:
         raise InvalidHandle(name, failed)
     return name
+
+
+def parse_uid(value: object) -> str:
+    """An identity's uid (a UUID) in its canonical form; InvalidInput otherwise."""
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise InvalidInput(f"not an identity uid: {str(value)[:64]!r}") from None
 
 
 @dataclass(frozen=True, order=True)

@@ -32,7 +32,7 @@ from sqlalchemy import select
 
 from vault import audit, crypto, identities
 from vault.errors import InvalidInput, NotFound
-from vault.handles import Handle
+from vault.handles import Handle, parse_uid
 from vault.models import Job
 
 STAGED = "staged"
@@ -88,13 +88,6 @@ def _context(vault, identity_uid: str, stage_id: str, index: int) -> dict:
             "photo": index, "purpose": "staged-photo"}
 
 
-def _new_uid(uid: str) -> str:
-    try:
-        return str(uuid.UUID(str(uid)))
-    except ValueError:
-        raise InvalidInput(f"not an identity uid: {str(uid)[:64]!r}") from None
-
-
 def _identity_uid(vault, handle: str | Handle) -> str:
     with vault.session(read_only=True) as s:
         return identities.get_identity(s, handle).uid
@@ -115,7 +108,7 @@ def stage(vault, handle: str | Handle, photos: list[bytes], *, names: list[str],
     if len(names) != len(photos):
         raise InvalidInput("one name per staged photo")
     h = Handle.parse(str(handle))
-    uid = _identity_uid(vault, h) if uid is None else _new_uid(uid)
+    uid = _identity_uid(vault, h) if uid is None else parse_uid(uid)
     stage_id = uuid.uuid4().hex
     folder = _dir(vault, uid, stage_id)
     key_id, dek = vault.keys.get_or_create_dek(uid)
@@ -147,7 +140,7 @@ def load(vault, handle: str | Handle, ref: StagedRef, *,
     NotFound when the stage is gone (the job ended, or the identity was
     erased); InvalidInput when a file differs from what the job recorded.
     """
-    uid = _identity_uid(vault, handle) if uid is None else _new_uid(uid)
+    uid = _identity_uid(vault, handle) if uid is None else parse_uid(uid)
     folder = _dir(vault, uid, ref.id)
     if not folder.is_dir():
         raise NotFound(f"the photos staged for this job are gone (stage {ref.id})")

@@ -59,7 +59,7 @@ from vault.errors import (
     SignatureInvalid,
     VaultError,
 )
-from vault.handles import Handle
+from vault.handles import Handle, parse_uid
 from vault.keyprovider import FileKeyProvider, provider_for
 from vault.keystore import KeyStore, RotationReport
 from vault.models import (
@@ -469,11 +469,7 @@ class Vault:
         """
         actor = actor or _actor()
         h = Handle.parse(handle)
-        if uid is not None:
-            try:
-                uid = str(uuid.UUID(uid))
-            except (ValueError, TypeError, AttributeError):
-                raise InvalidInput(f"not an identity uid: {uid!r}") from None
+        uid = None if uid is None else parse_uid(uid)
         decoded = codec.decode(face, kind="face", max_bytes=self.settings.max_artifact_bytes)
         extras = {kind: (codec.decode(p, kind=kind, max_bytes=self.settings.max_artifact_bytes),
                          p) for kind, p in (extra or {}).items()}

@@ -251,3 +251,25 @@ def test_a_job_the_broker_could_not_take_stays_queued_for_the_sweep(family) -> N
     assert sent == [(job["id"], "rebuild_index", "cpu")]
     assert q.lost(grace=0.0, resend_after=3600.0) == []  # sent now: not again within the hour
     assert [j[0] for j in q.lost(grace=0.0, resend_after=0.0)] == [job["id"]]
+
+
+def test_a_job_past_its_time_limit_fails_at_its_next_progress_report(family) -> None:
+    import time
+
+    from vault.jobs import JobKind, JobQueue
+
+    reports: list[int] = []
+
+    def slow(ctx) -> dict:
+        for step in range(100):
+            time.sleep(0.02)
+            ctx.progress(step / 100, f"step {step}")
+            reports.append(step)
+        return {"finished": True}
+
+    q = JobQueue(family, registry={"slow": JobKind("slow", slow, time_limit=0.1)})
+    job = q.submit("smiths", "slow")
+    assert q.run_pending() == 1
+    ended = q.get(job["id"])
+    assert ended["status"] == "failed" and "time limit of 0 s" in ended["error"]
+    assert ended["result"] is None and 0 < len(reports) < 100

@@ -102,9 +102,6 @@ class Runtime:
             except VaultError as exc:
                 log.warning("warm: no generation pipeline: %s", exc)
 
-    def close(self) -> None:
-        self.vault.dispose()
-
 
 def runtime() -> Runtime:
     """This process's runtime, made on first use (after a fork, afresh)."""
