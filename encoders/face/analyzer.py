@@ -78,6 +78,9 @@ class AnalyzerConfig:
     nms_threshold: float = 0.4  # insightface's default
     embed_batch: int = 32  # crops per recogniser run (bounds memory; R50 ~25 MB per crop)
     providers: tuple[str, ...] | None = None  # None: CUDA when usable, else CPU
+    # onnxruntime intra-op threads of each model (None: one per physical core).
+    # Fewer leaves cores to a web server or faiss sharing the machine.
+    threads: int | None = None
     photo_limits: PhotoLimits = field(default_factory=PhotoLimits)
 
 
@@ -133,7 +136,7 @@ class FaceAnalyzer:
         self.quality = quality
         self.config = config
         self.models: FaceModels = load_face_models(pack, config.providers, config.det_size,
-                                                   config.nms_threshold)
+                                                   config.nms_threshold, config.threads)
 
     @classmethod
     def from_models_dir(cls, models_dir: Path | str | None = None, pack: str = "buffalo_l",

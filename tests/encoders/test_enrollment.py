@@ -29,6 +29,22 @@ def test_enroll_stores_face_artifact_tied_to_the_weights(enroller, family):
     np.testing.assert_allclose(np.linalg.norm(art.tensors["normed"], axis=1), 1, atol=1e-5)
 
 
+def test_an_enrollments_photos_share_one_recogniser_run(enroller, family, monkeypatch):
+    five = photos(6, 5)
+    singles = [enroller.analyzer.analyze(p).embedding for p in five]
+    recognizer = enroller.analyzer.models.recognizer
+    runs: list[int] = []
+    original = recognizer.get_feat
+    monkeypatch.setattr(recognizer, "get_feat", lambda crops: runs.append(len(crops)) or
+                        original(crops))
+    enroller.enroll("smiths/fay", five, consent=consent())
+    assert runs == [5]  # detected one by one, embedded together
+    stored = family.get_artifact("smiths/fay", "face").artifact.tensors["embeddings"]
+    # A batch of five and five batches of one may sum in another order:
+    # float32 rounding only, orders of magnitude below 1e-5 relative.
+    np.testing.assert_allclose(stored, np.stack(singles), rtol=1e-5, atol=1e-6)
+
+
 def test_duplicate_blocked_with_handle_and_score(enroller, family):
     enroller.enroll("smiths/ana", photos(1, 2), consent=consent())
     with pytest.raises(DuplicateIdentity) as exc:

@@ -74,6 +74,23 @@ def test_exif_orientation_is_applied() -> None:
     assert bottom[2] > 200 and bottom[0] < 60
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_pixels_are_pillows_own_decoding_upright(fmt: str, orientation: int) -> None:
+    # load_photo skips Pillow's defensive copies (exif_transpose in place, no
+    # convert of an RGB image); the pixels must stay those of the plain recipe.
+    from PIL import ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(_gradient(), fmt, exif=exif.tobytes())
+    want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    got = load_photo(data)
+    assert got.shape == ((48, 64, 3) if orientation in (1, 3) else (64, 48, 3))
+    np.testing.assert_array_equal(got, want)
+    assert got.flags.c_contiguous
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_truncated_file_is_rejected(fmt: str) -> None:
     rng = np.random.default_rng(0)
