@@ -67,14 +67,16 @@ How to run
 
     .venv/bin/python bench/bench_generate.py --full-size   # GPU: 1024x1024, 30 steps, fp16
     .venv/bin/python bench/bench_generate.py --full-size --fresh-prompts
+    .venv/bin/python bench/bench_generate.py --full-size --time-budget 210  # fewer rounds if slow
 
     A GPU session runs the first full-size line; it needs the project's
     dependencies (diffusers included) and ``base_models.json`` on that machine:
     the ``../shared`` beside a checkout does not travel to a device machine,
     so copy the file into an ignored folder of the checkout and pass
-    ``--manifests`` (e.g. ``.bench/manifests``). Expect a few minutes:
-    writing the full-size checkpoints (~5 GB in the temporary folder) and
-    building the model, then 6 variants x 6 calls. The CPU smoke check of
+    ``--manifests`` (e.g. ``.bench/manifests``); ``bench/gpu_session.sh``
+    does all of it in one command (bench/README.md, "GPU sessions"). Expect
+    a few minutes: writing the full-size checkpoints (~5 GB in the temporary
+    folder) and building the model, then 6 variants x 6 calls. The CPU smoke check of
     the path (not a measurement: ~10 min on 2 cores, where bfloat16 matrix
     products have no fast path; peak RSS 10.4 GiB)::
 
@@ -249,6 +251,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--fresh-prompts", action="store_true",
                         help="a prompt never used before for every call (no encoding reused)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds after setup began: start no round that would end past them "
+                             "(judged by the slowest round so far; at least one round runs)")
     args = parser.parse_args(argv)
     full = args.full_size
     args.rounds = args.rounds if args.rounds is not None else (5 if full else 7)
@@ -353,11 +358,19 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     order = list(variants)
     shuffler = random.Random(args.seed)
+    slowest = 0.0
     for r in range(args.rounds):
+        if r and args.time_budget is not None and \
+                time.perf_counter() - t0 + slowest > args.time_budget:
+            print(f"  time budget {args.time_budget:.0f} s: stopped after {r} of {args.rounds} "
+                  "rounds", flush=True)
+            break
+        started = time.perf_counter()
         shuffler.shuffle(order)
         for name in order:
             times[name].append(run(name))
-        print(f"  round {r + 1}/{args.rounds} done", flush=True)
+        slowest = max(slowest, time.perf_counter() - started)
+        print(f"  round {r + 1}/{args.rounds} done ({slowest:.1f} s the slowest)", flush=True)
 
     base = times["plain diffusers"]
     print(f"\n{'variant':<17} {'total s':>8} {'unet s':>8} {'ratio total':>12} "

@@ -190,7 +190,10 @@ class DiffusionModel:
 
                 def write(_module, _inputs, out, mask=mask, values=values):
                     out = out.clone()
-                    out[mask.to(out.device)] = values.reshape(-1, out.shape[-1]).to(out.dtype)
+                    # The trained values may live on another device than the model (the
+                    # mapper stays on the CPU); index assignment needs them on out's.
+                    out[mask.to(out.device)] = values.reshape(-1, out.shape[-1]).to(
+                        out.device, out.dtype)
                     return out
 
                 hook = encoder.get_input_embeddings().register_forward_hook(write)
