@@ -2,6 +2,11 @@
 
 Handles resolve only inside their owner; a missing owner and a missing
 identity give the same NotFound so a caller cannot probe other owners' rosters.
+
+:func:`describe_identity` describes a loaded ORM identity; the lookup by
+handle (the API's hottest read) uses :func:`describe_handle`, one Core
+statement (a :class:`~vault.compiled_read.CompiledRead`) giving the same
+document without building ORM objects.
 """
 
 from __future__ import annotations
@@ -9,14 +14,23 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import Connection, and_, bindparam, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from vault import audit, consent
+from vault.compiled_read import CompiledRead
 from vault.consent import ConsentRequest
 from vault.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 from vault.handles import Handle, validate_name
-from vault.models import ERASE_POLICIES, OWNER_KINDS, Artifact, Identity, NotSamePair, Owner
+from vault.models import (
+    ERASE_POLICIES,
+    OWNER_KINDS,
+    Artifact,
+    Consent,
+    Identity,
+    NotSamePair,
+    Owner,
+)
 
 
 def add_owner(session: Session, name: str, kind: str, *, erase_policy: str = "immediate",
@@ -151,6 +165,51 @@ def describe_artifact(a: Artifact) -> dict:
     return {"id": a.id, "kind": a.kind, "schema_version": a.schema_version,
             "model_id": a.model_id, "size": a.size, "sha256": a.sha256, "shapes": a.shapes,
             "created_at": a.created_at.isoformat()}
+
+
+# One row per artifact (one with NULL artifact columns when there is none), each with the
+# identity, its owner and its current consent (the newest, as ``Identity.consent``).
+# Consent and artifact columns keep the ORM attribute names, so a row is what
+# consent.describe and describe_artifact read; the identity's are prefixed.
+_CURRENT_CONSENT = (select(func.max(Consent.id)).where(Consent.identity_id == Identity.id)
+                    .correlate(Identity).scalar_subquery())
+DESCRIBE_BY_HANDLE = (
+    select(Identity.uid.label("identity_uid"), Identity.name.label("identity_name"),
+           Identity.status.label("identity_status"),
+           Identity.created_at.label("identity_created_at"),
+           Owner.name.label("owner_name"), Owner.kind.label("owner_kind"),
+           Consent.uid, Consent.subject, Consent.given_by, Consent.guardian_name,
+           Consent.purposes, Consent.retain_until, Consent.evidence_sha256, Consent.given_at,
+           Consent.withdrawn_at, Consent.withdrawal_reason,
+           Artifact.id, Artifact.kind, Artifact.schema_version, Artifact.model_id,
+           Artifact.size, Artifact.sha256, Artifact.shapes, Artifact.created_at)
+    .select_from(Identity)
+    .join(Owner, Owner.id == Identity.owner_id)
+    .join(Consent, Consent.id == _CURRENT_CONSENT)
+    .outerjoin(Artifact, Artifact.identity_id == Identity.id)
+    .where(Owner.name == bindparam("owner"), Identity.name == bindparam("name")))
+_DESCRIBE_BY_HANDLE = CompiledRead(DESCRIBE_BY_HANDLE)
+
+
+def describe_handle(conn: Connection, handle: Handle | str) -> dict:
+    """:func:`describe_identity` of the identity at ``handle``, read with one Core statement
+    on ``conn`` (nothing decrypted, nothing cached); NotFound as :func:`get_identity`."""
+    h = handle if isinstance(handle, Handle) else Handle.parse(handle)
+    rows = _DESCRIBE_BY_HANDLE.all(conn, {"owner": h.owner, "name": h.name})
+    if not rows:
+        raise NotFound(f"no identity {h}")
+    first = rows[0]
+    artifacts = sorted((r for r in rows if r.id is not None), key=lambda r: (r.kind, r.model_id))
+    return {
+        "handle": f"{first.owner_name}/{first.identity_name}",
+        "id": first.identity_uid,
+        "owner": first.owner_name,
+        "owner_kind": first.owner_kind,
+        "status": first.identity_status,
+        "created_at": first.identity_created_at.isoformat(),
+        "consent": consent.describe(first),
+        "artifacts": [describe_artifact(a) for a in artifacts],
+    }
 
 
 def record_not_same(session: Session, a: Handle | str, b: Handle | str, *,

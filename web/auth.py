@@ -24,10 +24,11 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from flask import current_app, g, redirect, request, session, url_for
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from vault import accounts, api_keys
 from vault.errors import NotFound
@@ -99,17 +100,16 @@ def check_csrf() -> None:
 
 
 # -- resolving the caller ---------------------------------------------------------------------
-def _from_api_key(token: str) -> Principal:
+def _from_api_key(token: str, conn: Connection | None) -> Principal:
     st = _state()
-    with st.read_session() as s:
+    with nullcontext(conn) if conn is not None else st.read_connection() as read:
         try:
-            key, owner = api_keys.authenticate(s, token, touch=False)
+            key = api_keys.verify(read, token)
         except api_keys.KeyRefused as exc:
             raise Unauthorized(str(exc)) from None
-        due = api_keys.needs_touch(key)
-        p = Principal("api_key", owner.id, owner.name, owner.kind, frozenset(key.scopes),
-                      key_id=key.id, key_prefix=key.prefix, key_name=key.name)
-    if due:  # at most once a minute per key: lookups stay reads
+    p = Principal("api_key", key.owner_id, key.owner, key.owner_kind, frozenset(key.scopes),
+                  key_id=key.id, key_prefix=key.prefix, key_name=key.name)
+    if api_keys.needs_touch(key):  # at most once a minute per key: lookups stay reads
         with st.vault.session() as s:
             api_keys.touch(s, p.key_id)
     return p
@@ -138,23 +138,26 @@ def _from_session() -> Principal | None:
                          owners=tuple((o.name, r) for o, r in owners))
 
 
-def current_principal() -> Principal | None:
-    """The caller of this request (cached on ``g``); raises Unauthorized for a bad key."""
+def current_principal(conn: Connection | None = None) -> Principal | None:
+    """The caller of this request (cached on ``g``); raises Unauthorized for a bad key.
+    ``conn``: a read connection of this request to check the key on (a lookup uses one
+    connection for all its reads)."""
     if "principal" not in g:
         header = request.headers.get("Authorization", "")
         if header:
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise Unauthorized("use 'Authorization: Bearer <API key>'")
-            g.principal = _from_api_key(token.strip())
+            g.principal = _from_api_key(token.strip(), conn)
         else:
             g.principal = _from_session()
     return g.principal
 
 
-def require(scope: str | None = None, *, owner: bool = True) -> Principal:
+def require(scope: str | None = None, *, owner: bool = True,
+            conn: Connection | None = None) -> Principal:
     """The caller, who must be authenticated, act for an owner and hold ``scope``."""
-    p = current_principal()
+    p = current_principal(conn)
     if p is None:
         raise Unauthorized("authentication required: send 'Authorization: Bearer <API key>' "
                            "or sign in")

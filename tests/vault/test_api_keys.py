@@ -87,3 +87,51 @@ def test_last_used_is_touched_at_most_once_a_minute(family):
         assert later.last_used_at.replace(tzinfo=None) > first.replace(tzinfo=None)
     desc = api_keys.describe_key(later)
     assert desc["status"] == "active" and "secret_sha256" not in desc
+
+
+def test_verify_refuses_exactly_as_authenticate(family):
+    with family.session() as s:
+        key, token = api_keys.create_key(s, "smiths", "k", ["identities:read", "generate"],
+                                         actor="t")
+        _, soon = api_keys.create_key(s, "smiths", "soon", ["admin"], actor="t",
+                                      expires_at=utcnow() + dt.timedelta(seconds=1))
+    with family.engine.connect() as conn:
+        grant = api_keys.verify(conn, token)
+        assert (grant.id, grant.prefix, grant.name, grant.owner, grant.owner_kind) == (
+            key.id, key.prefix, "k", "smiths", "family")
+        assert grant.scopes == ("identities:read", "generate") and grant.last_used_at is None
+        assert api_keys.needs_touch(grant)
+        wrong = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+        for bad, why in ((wrong, "unknown"), ("idv_000000000000_" + "A" * 43, "unknown"),
+                         ("not a key", "malformed"), ("", "malformed"), (None, "malformed")):
+            with pytest.raises(KeyRefused, match=why):
+                api_keys.verify(conn, bad)
+        with pytest.raises(KeyRefused, match="expired"):
+            api_keys.verify(conn, soon, now=utcnow() + dt.timedelta(seconds=5))
+
+
+def test_verify_sees_a_revocation_made_elsewhere_at_once(settings, family):
+    """Nothing is cached: another process's revocation (here another Vault, with its own
+    engines) is refused by the very next verify, on a connection checked out before."""
+    from vault.vault import Vault
+
+    with family.session() as s:
+        key, token = api_keys.create_key(s, "smiths", "k", ["identities:read"], actor="t")
+    with family.engine.connect() as conn:
+        assert api_keys.verify(conn, token).id == key.id
+        with Vault.open(settings) as elsewhere, elsewhere.session() as s:
+            api_keys.revoke_key(s, api_keys.get_key(s, "smiths", key.id), actor="t")
+        with pytest.raises(KeyRefused, match="revoked"):
+            api_keys.verify(conn, token)
+
+
+def test_verify_sees_last_used_at(family):
+    with family.session() as s:
+        _, token = api_keys.create_key(s, "smiths", "k", ["admin"], actor="t")
+    t0 = utcnow()
+    with family.session() as s:
+        api_keys.authenticate(s, token, now=t0)  # touches
+    with family.engine.connect() as conn:
+        grant = api_keys.verify(conn, token)
+    assert not api_keys.needs_touch(grant, t0 + dt.timedelta(seconds=30))
+    assert api_keys.needs_touch(grant, t0 + dt.timedelta(minutes=2))

@@ -52,10 +52,13 @@ def parse_consent(doc: object, evidence: bytes | None = None) -> ConsentRequest:
     return ConsentRequest.from_dict(doc)
 
 
-def describe(handle: str) -> dict:
-    """``Vault.describe`` in a read-only transaction (metadata only; nothing decrypted)."""
-    with state().read_session() as s:
-        return identities.describe_identity(identities.get_identity(s, handle))
+def describe_for(scope: str, owner: str, name: str) -> dict:
+    """``Vault.describe`` of ``owner/name`` for a caller holding ``scope``: the key, then the
+    identity, each one Core SELECT on one read connection (metadata only; nothing
+    decrypted; nothing cached, so a revocation, an erasure or a withdrawal shows at once)."""
+    with state().read_connection() as conn:
+        p = require(scope, conn=conn)
+        return identities.describe_handle(conn, handle_in_owner(p, owner, name))
 
 
 @bp.op("/identities", "GET", summary="List the owner's identities, by name, a page at a time",
@@ -112,8 +115,7 @@ def create_identity():
        path_params=HANDLE_PARAMS,
        responses={"200": json_response("the identity", ref("Identity"))})
 def get_identity(owner: str, name: str):
-    p = require("identities:read")
-    return jsonify(describe(handle_in_owner(p, owner, name)))
+    return jsonify(describe_for("identities:read", owner, name))
 
 
 @bp.op("/identities/<owner>/<name>", "DELETE", summary="Erase an identity (crypto-shred) and "
@@ -134,8 +136,7 @@ def delete_identity(owner: str, name: str):
        scope="identities:read", path_params=HANDLE_PARAMS,
        responses={"200": json_response("the consent record", ref("Consent"))})
 def get_consent(owner: str, name: str):
-    p = require("identities:read")
-    return jsonify(describe(handle_in_owner(p, owner, name))["consent"])
+    return jsonify(describe_for("identities:read", owner, name)["consent"])
 
 
 @bp.op("/identities/<owner>/<name>/consent/withdraw", "POST",

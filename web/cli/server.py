@@ -1,6 +1,7 @@
 """``idvault`` commands of the web app: serve, UI accounts, API keys.
 
-``idvault serve`` runs the Flask app (JSON API and UI) on waitress. ``user``
+``idvault serve`` runs the Flask app (JSON API and UI) on waitress, in one or
+more worker processes (``web/serve.py``). ``user``
 manages UI accounts (argon2id password hashes) and their roles per owner;
 ``apikey`` creates (shown once), lists and revokes API keys.
 """
@@ -41,8 +42,11 @@ def _read_password(from_stdin: bool) -> str | None:
                    "fronts the server.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on (0: any free port).")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Server processes, each with --threads threads [env IDVAULT_WEB_WORKERS; "
+                   "default: one per CPU, at most 4].")
 @click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 256),
-              help="Worker threads of the WSGI server.")
+              help="Threads of each server process.")
 @click.option("--models", "models_dir", type=click.Path(path_type=Path), default=None,
               help="Face models folder for enrollment [env IDVAULT_MODELS; default: "
                    "~/.insightface].")
@@ -52,25 +56,47 @@ def _read_password(from_stdin: bool) -> str | None:
               help="Scale-out: send jobs to the workers over this Redis broker instead of "
                    "running them here [env IDVAULT_BROKER_URL].")
 @vault_options
-def serve(host: str, port: int, threads: int, models_dir: Path | None, pack: str,
-          broker_url: str | None, settings: Settings) -> None:
+def serve(host: str, port: int, workers: int | None, threads: int, models_dir: Path | None,
+          pack: str, broker_url: str | None, settings: Settings) -> None:
     """Serve the web UI and the JSON API (/v1) on a production WSGI server.
 
     Prints the URL and how to sign in. On the first start (no accounts yet) it
     creates the superuser 'admin' and prints its one-time password. With a
     broker it is an API node: jobs (enrollment from photos, generation, fits)
     go to `idvault worker` processes; without one it runs them itself.
+    Ctrl-C or SIGTERM stops every server process.
     """
     from web.app import WebConfig, create_app
+    from web.serve import default_workers, first_start
     from web.serve import serve as run
 
     if broker_url:
         settings = settings.with_(broker_url=broker_url)
-    vault = open_vault(settings)
-    config = WebConfig.from_env(vault=vault, models_dir=models_dir, pack=pack)
-    app = create_app(config)
-    app.extensions["idvault"].owns_vault = True
-    run(app, host, port, threads=threads, echo=click.echo)
+    workers = workers or default_workers()
+    WebConfig.from_env(models_dir=models_dir, pack=pack)  # bad settings fail here, once
+    vault = open_vault(settings)  # so do a missing database or a wrong key
+
+    def make_app():  # in each server process: engines and threads do not survive a fork
+        own = open_vault(settings)
+        try:
+            app = create_app(WebConfig.from_env(vault=own, models_dir=models_dir, pack=pack))
+        except BaseException:
+            own.dispose()
+            raise
+        app.extensions["idvault"].owns_vault = True
+        return app
+
+    def greet():
+        try:
+            first_start(vault, click.echo)
+        finally:
+            vault.dispose()
+
+    try:
+        run(make_app, host, port, threads=threads, workers=workers, echo=click.echo,
+            greet=greet)
+    finally:
+        vault.dispose()
 
 
 # -- users --------------------------------------------------------------------------------------
