@@ -1,153 +1,271 @@
-"""Dedupe search: exact flat index against IVF, and rebuilding the index from the store.
+"""Dedupe search at scale: binary codes with exact re-ranking, against the exact scan.
 
 What it measures
-    1. For rosters of 10k, 100k and 1M identities (one L2-normalised 512-d
-       vector each, with cluster structure: ``--clusters`` centres, identities of
-       one centre at cosine ~0.2 of each other, as unrelated faces are):
+    Per roster size (default 100k and 1M identities, one stored photo each) and data
+    kind (``--data``):
 
-       * build time: exact ``OwnerIndex("flat")`` (add), and IVF as
-         ``OwnerIndex.optimise()`` makes it (nlist = 4 sqrt(n), IndexFlatIP
-         quantiser, training sample min(32 x nlist, 100k), faiss k-means 10
-         iterations, nprobe 32), split into train and add;
-       * single-query latency p50/p99 through ``OwnerIndex.search(q, k=5)``
-         (the product path: normalise, faiss search of depth 80, per-identity
-         best score), flat and IVF, with faiss's default thread count (what
-         the product does) and with one thread;
-       * batched throughput (queries/s) of the underlying faiss index, 1000
-         independent queries in one call, depth 80;
-       * quality of IVF against exact, on the dedupe query set: half noisy
-         re-enrollments of stored identities (the stored vector plus noise,
-         cosine 0.75-0.9 to it) and half new people (fresh vectors from the same
-         distribution). recall@1 = IVF's best identity equals exact's; "missed
-         dup" = re-enrollments that exact search flags (score >= review
-         threshold 0.50) but IVF does not. An nprobe sweep shows the tradeoff.
-    2. Rebuilding the index from the encrypted store (``Vault.rebuild_index``,
-       the product path: read rows, unwrap each identity's data key, open and
-       decode each ``face`` artifact, index) for ``--rebuild-n`` identities
-       (default 100k) of one owner, one photo each. The fixture is written with
-       bulk inserts but is what the product stores, byte for byte in format:
-       identities, consent records, a hash-chained audit event per identity
-       creation and artifact write, data keys wrapped by ``KeyStore._wrap`` with
-       the key store's own context, and artifacts sealed by ``vault.crypto.seal``
-       with ``Vault._context``. A few artifacts are then read back through
-       ``Vault.get_artifact`` to prove it. After the rebuild the bench checks the
-       index holds every identity and that noisy queries find their source
-       through ``Vault.search_faces``.
+    * ``faces``: synthetic identities with cluster structure at the levels ArcFace
+      shows (docs/dedupe.md cites the figures): identity centres in 20 broad clusters
+      (two identities of one cluster at cosine ~0.15) split into lookalike groups of
+      20 (cosine ~0.35 to each other, so an identity's nearest other identity in a
+      5,749-identity roster, LFW's size, sits at cosine ~0.40, angle ~66 degrees); a
+      photo lies at an angle of 28 +- 6 degrees from its identity's centre.
+    * ``random``: isotropic unit vectors, no structure.
+
+    Queries are re-enrollments, a new photo of an enrolled identity, in two sets:
+    ``photo`` (faces: a fresh photo of the identity, so query-to-stored cosine ~0.6-0.85;
+    random: cosine 0.75-0.90 to the stored vector, the issue's band) and ``hard``
+    (cosine 0.50-0.75 to the stored photo: pose, age, poor photos).
+
+    * build: ``OwnerIndex.reserve(n)`` then ``add_many`` in batches of 10,000 (what a
+      streaming rebuild does), codes included;
+    * recall@1 of the product path (``OwnerIndex.search(one photo, k=5)`` at this size:
+      binary codes + exact re-rank) against exact search (faiss exhaustive inner
+      product over the same vectors), and ``decision differs``: queries whose
+      block/review/new decision differs from exact search's (default thresholds);
+    * latency p50/p99 of that single-query search, over every query, and the p50 of
+      the CPU time it took in its thread (the code path runs in the caller's thread:
+      this is its cost without waiting for a core); and, in the same run on the same
+      index, the exact scan (index type ``flat``) on an interleaved sample, with both
+      paths' p50 on that sample;
+    * ``remove`` of an identity (the scan of the id array) and of an id never added.
+
+    ``--crossover``: single-query latency of the exact scan and of the code path from
+    1k to 100k vectors: where ``FLAT_BELOW`` should sit. ``--memory N``: resident memory
+    added by holding N vectors, each index built in a fresh subprocess: the previous
+    flat index (faiss ``IndexIDMap2(IndexFlatIP)`` plus a per-identity dict) against
+    ``OwnerIndex`` with and without ``reserve``. ``--sweep BITS``: recall by code length
+    and re-rank depth (how ``CODE_BITS`` and ``RERANK`` were chosen).
 
 How to run
-    .venv/bin/python bench/bench_dedupe.py                        # all (~6-9 min)
-    .venv/bin/python bench/bench_dedupe.py --sizes 10000,100000 --rebuild-n 20000
-    .venv/bin/python bench/bench_dedupe.py --sizes 10000 --rebuild-n 0   # quick look
-    .venv/bin/python bench/bench_dedupe.py --sizes 0 --rebuild-n 100000 --profile-rebuild
+    .venv/bin/python bench/bench_dedupe.py                              # 100k + 1M, both kinds
+    .venv/bin/python bench/bench_dedupe.py --sizes 100000 --data faces  # ~1 min
+    .venv/bin/python bench/bench_dedupe.py --sizes 0 --crossover --memory 1000000
+    .venv/bin/python bench/bench_dedupe.py --sizes 1000000 --data faces --sweep 128,192,256,384
 
-    Vault files live in a temporary directory (or under ``--data-dir``),
-    removed at the end unless ``--keep``. 1M vectors take ~2 GB per copy; the
-    1M case peaks at ~7 GB. Nothing is asserted about time: it prints figures.
+    1M vectors take ~2 GB; the 1M case peaks at ~5 GB. Nothing is asserted about time:
+    it prints figures, with the load average (a shared machine inflates latencies; compare
+    the two paths of one run, not runs).
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import datetime as dt
-import hashlib
-import io
-import json
 import math
 import os
 import platform
-import pstats
-import shutil
-import statistics
+import subprocess
 import sys
-import tempfile
-import threading
 import time
-import uuid
-from dataclasses import dataclass
-from pathlib import Path
 
 import faiss
 import numpy as np
-from sqlalchemy import insert, select, update
 
-from vault import audit, codec, crypto
 from vault.config import Settings
-from vault.dedupe_index import DIM, OwnerIndex
-from vault.keystore import _dek_context
-from vault.keystore_models import DataKey
-from vault.models import Artifact, AuditEvent, AuditHead, Consent, Identity, Owner, utcnow
-from vault.vault import Vault
+from vault.dedupe_index import (
+    CODE_BITS,
+    CODE_SEED,
+    DIM,
+    FLAT_BELOW,
+    RERANK,
+    DedupeIndex,
+    OwnerIndex,
+    projection,
+)
 
-DEPTH_K = 5  # OwnerIndex.search(k=5) asks faiss for depth min(n, 4k*4) = 80
-DEPTH = 4 * DEPTH_K * 4
-REVIEW, BLOCK = Settings().dedupe_review, Settings().dedupe_block
-OWNER = "bench"
-ACTOR = "bench"
+K = 5
+BATCH = 10_000
+SETTINGS = Settings()
+DECIDE = DedupeIndex(block=SETTINGS.dedupe_block, review=SETTINGS.dedupe_review).decide
 
 
-# -- data -----------------------------------------------------------------------------
+# -- data -------------------------------------------------------------------------------
 def unit(v: np.ndarray) -> np.ndarray:
-    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=-1, keepdims=True)
+    return v
 
 
-class People:
-    """Synthetic identities: a cluster centre plus an individual part, normalised.
+def near(base: np.ndarray, cos: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Unit vectors at cosine ``cos`` (one per row) to the unit rows of ``base``."""
+    noise = rng.standard_normal(base.shape, dtype=np.float32)
+    noise -= np.einsum("ij,ij->i", noise, base)[:, None] * base
+    unit(noise)
+    c = np.asarray(cos, dtype=np.float32).reshape(-1, 1)
+    noise *= np.sqrt(1 - c * c)
+    noise += c * base
+    return unit(noise)
 
-    cos(two people of one centre) ~ alpha^2 / (1 + alpha^2) (0.2 at alpha 0.5);
-    across centres ~0 +- 0.04: the spread of unrelated ArcFace faces.
-    """
 
-    def __init__(self, seed: int, clusters: int, alpha: float = 0.5) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.centres = unit(self.rng.standard_normal((max(clusters, 1), DIM), dtype=np.float32))
-        self.alpha = alpha if clusters > 0 else 0.0  # 0 clusters: isotropic
+class Faces:
+    """Identity centres: broad cluster -> lookalike group -> identity; photos around them."""
 
-    def draw(self, n: int, chunk: int = 100_000) -> np.ndarray:
+    def __init__(self, rng: np.random.Generator, clusters: int = 20, cluster_cos: float = 0.15,
+                 group: int = 20, group_cos: float = 0.35, angle: float = 28.0,
+                 angle_sd: float = 6.0) -> None:
+        self.rng = rng
+        self.clusters = unit(rng.standard_normal((clusters, DIM), dtype=np.float32))
+        self.cluster_cos, self.group, self.group_cos = cluster_cos, group, group_cos
+        self.angle, self.angle_sd = angle, angle_sd
+
+    def centres(self, n: int) -> np.ndarray:
+        groups = -(-n // self.group)
+        c = self.rng.integers(len(self.clusters), size=groups)
+        # group centres at sqrt(cluster/group cos) to their cluster, identities at
+        # sqrt(group cos) to their group: identity pairs then sit at the stated cosines
+        g = near(self.clusters[c], np.full(groups, math.sqrt(self.cluster_cos / self.group_cos)),
+                 self.rng)
         out = np.empty((n, DIM), dtype=np.float32)
-        for s in range(0, n, chunk):
-            m = min(chunk, n - s)
-            k = self.rng.integers(len(self.centres), size=m)
-            g = self.rng.standard_normal((m, DIM), dtype=np.float32) / np.float32(math.sqrt(DIM))
-            v = self.alpha * self.centres[k] + g
-            out[s:s + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
+        for s in range(0, n, 100_000):
+            m = min(100_000, n - s)
+            out[s:s + m] = near(g[np.arange(s, s + m) // self.group],
+                                np.full(m, math.sqrt(self.group_cos)), self.rng)
         return out
 
-    def reenroll(self, sources: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
-        """A new photo of each source: cosine to it uniform in [lo, hi]."""
-        c = self.rng.uniform(lo, hi, size=len(sources))
-        noise = unit(self.rng.standard_normal(sources.shape, dtype=np.float32))
-        noise -= (noise * sources).sum(1, keepdims=True) * sources  # orthogonal part
-        noise = unit(noise)
-        s = np.sqrt(1.0 / c**2 - 1.0)[:, None]
-        q = unit(sources + s * noise)
-        return q, (q * sources).sum(1)
+    def photos(self, centres: np.ndarray) -> np.ndarray:
+        a = np.clip(self.rng.normal(self.angle, self.angle_sd, len(centres)), 5.0, 60.0)
+        return near(centres, np.cos(np.radians(a)), self.rng)
 
 
-# -- timing helpers -------------------------------------------------------------------
-def pct(ns: list[float], q: float) -> float:
-    s = sorted(ns)
-    return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s))) - 1))]
+def make_data(kind: str, n: int, queries: int, seed: int) -> tuple[np.ndarray, dict, dict]:
+    """Stored vectors (one per identity, id = row + 1), query sets, and notes."""
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    src = rng.choice(n, size=queries, replace=False)
+    if kind == "faces":
+        faces = Faces(rng)
+        x = faces.centres(n)
+        own = x[src].copy()
+        for s in range(0, n, 100_000):
+            x[s:s + 100_000] = faces.photos(x[s:s + 100_000])
+        photo = faces.photos(own)
+    else:
+        x = np.empty((n, DIM), dtype=np.float32)
+        for s in range(0, n, 100_000):
+            x[s:s + 100_000] = unit(rng.standard_normal((min(100_000, n - s), DIM),
+                                                        dtype=np.float32))
+        photo = near(x[src], rng.uniform(0.75, 0.90, queries), rng)
+    hard = near(x[src], rng.uniform(0.50, 0.75, queries), rng)
+    sets = {"photo": photo, "hard": hard}
+    notes = {"generated_s": time.perf_counter() - t0}
+    for name, q in sets.items():
+        c = np.einsum("ij,ij->i", q, x[src])
+        notes[name] = (f"cosine to the stored photo {c.min():.2f}-{c.max():.2f} "
+                       f"(p50 {np.median(c):.2f})")
+    return x, sets, notes
 
 
-def single_latency(idx: OwnerIndex, queries: np.ndarray, n: int, budget_s: float,
-                   minimum: int = 30) -> list[float]:
-    """ms per OwnerIndex.search call, one query each; stops early past budget_s."""
-    for q in queries[:3]:
-        idx.search(q[None], k=DEPTH_K)  # warm-up
-    out: list[float] = []
-    t_start = time.perf_counter()
-    for q in queries[:n]:
-        t0 = time.perf_counter_ns()
-        idx.search(q[None], k=DEPTH_K)
-        out.append((time.perf_counter_ns() - t0) / 1e6)
-        if len(out) >= minimum and time.perf_counter() - t_start > budget_s:
-            break
+def calibration(seed: int) -> str:
+    """The ``faces`` model's own figures on a roster of LFW's size (5,749 identities)."""
+    faces = Faces(np.random.default_rng(seed))
+    c = faces.centres(5749)
+    s = c @ c.T
+    np.fill_diagonal(s, -2)
+    nearest = s.max(axis=1)
+    a, b = faces.photos(c), faces.photos(c)
+    angle = np.degrees(np.arccos(np.einsum("ij,ij->i", a, c)))
+    genuine = np.einsum("ij,ij->i", a, b)
+    iu = np.triu_indices(len(c), 1)
+    return (f"faces model at 5,749 identities: nearest other identity cosine "
+            f"{nearest.mean():.2f} (angle {np.degrees(np.arccos(nearest)).mean():.1f} deg); "
+            f"photo to its centre {angle.mean():.1f} deg; two photos of one identity cosine "
+            f"p1/p50 {np.percentile(genuine, 1):.2f}/{np.median(genuine):.2f}; identity pairs "
+            f"mean {s[iu].mean():.3f}, p99 {np.percentile(s[iu], 99):.2f}")
+
+
+# -- timing helpers ---------------------------------------------------------------------
+def pct(ms: list[float], q: float) -> float:
+    return float(np.percentile(ms, q)) if ms else float("nan")
+
+
+def timed(f, *args, **kw) -> tuple[float, object]:
+    t0 = time.perf_counter_ns()
+    out = f(*args, **kw)
+    return (time.perf_counter_ns() - t0) / 1e6, out
+
+
+def timed_cpu(f, *args, **kw) -> tuple[float, float, object]:
+    """Wall ms, and CPU ms of this thread: what the call cost without the wait for a
+    core that other processes hold (the code path runs entirely in this thread)."""
+    c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+    out = f(*args, **kw)
+    return (time.perf_counter_ns() - t0) / 1e6, (time.thread_time_ns() - c0) / 1e6, out
+
+
+def load() -> str:
+    return f"{os.getloadavg()[0]:.1f}"
+
+
+# -- part 1: one size -------------------------------------------------------------------
+def bench_size(kind: str, n: int, args: argparse.Namespace) -> list[str]:
+    out = [f"== {kind}, {n:,} identities (load {load()}) =="]
+    x, sets, notes = make_data(kind, n, args.queries, args.seed + n)
+    out.append(f"  data generated in {notes['generated_s']:.0f} s; queries: "
+               + "; ".join(f"{k} {v}" for k, v in notes.items() if k in sets))
+    idx = OwnerIndex()
+    t0 = time.perf_counter()
+    idx.reserve(n)
+    for s in range(0, n, BATCH):
+        idx.add_many(np.arange(s + 1, min(n, s + BATCH) + 1), x[s:s + BATCH])
+    t_build = time.perf_counter() - t0
+    del x
+    depths = "/".join(map(str, args.rerank))
+    path = "exact scan" if idx.exact else f"{CODE_BITS}-bit codes + exact re-rank of {depths}"
+    out.append(f"  build (reserve + add_many x {BATCH:,}, codes included): {t_build:.1f} s; "
+               f"search path at this size: {path}")
+    out.append(f"  {'queries':<8}{'rerank':>7}{'n':>6}{'recall@1':>10}{'decision differs':>18}"
+               f"{'p50 ms':>9}{'p99 ms':>9}{'cpu p50':>9}{'exact p50 ms':>14}  (exact sample)")
+    for name, queries in sets.items():
+        t0 = time.perf_counter()
+        with faiss_threads(args.threads):
+            ex_scores, ex_rows = faiss.knn(queries, idx._vectors[:n], 1,
+                                           faiss.METRIC_INNER_PRODUCT)
+        t_truth = time.perf_counter() - t0
+        ex_top = idx._labels[ex_rows[:, 0]]
+        for q in queries[:3]:
+            idx.search(q, k=K)  # warm-up
+        lat = {r: [] for r in args.rerank}
+        cpu = {r: [] for r in args.rerank}
+        same = dict.fromkeys(args.rerank, 0)
+        differs = dict.fromkeys(args.rerank, 0)
+        flat_lat = []
+        for i, q in enumerate(queries):
+            if i < args.exact_sample:  # the exact scan, interleaved, on the same index
+                idx.index_type = "flat"
+                flat_lat.append(timed(idx.search, q, k=K)[0])
+                idx.index_type = "auto"
+            for r in args.rerank:  # each depth on each query, interleaved
+                idx.rerank = r
+                ms, cpu_ms, hits = timed_cpu(idx.search, q, k=K)
+                lat[r].append(ms)
+                cpu[r].append(cpu_ms)
+                same[r] += hits[0][0] == ex_top[i]
+                differs[r] += DECIDE(hits[0][1]) != DECIDE(float(ex_scores[i, 0]))
+        for j, r in enumerate(args.rerank):
+            sample = "" if j else (f"  (n={len(flat_lat)}; codes p50 on those "
+                                   f"{pct(lat[r][:len(flat_lat)], 50):.2f} ms; exact truth "
+                                   f"{t_truth:.0f} s)")
+            out.append(f"  {name:<8}{r:>7}{len(queries):>6}{same[r] / len(queries):>10.4f}"
+                       f"{differs[r]:>18}{pct(lat[r], 50):>9.2f}{pct(lat[r], 99):>9.2f}"
+                       f"{pct(cpu[r], 50):>9.2f}"
+                       + (f"{pct(flat_lat, 50):>14.1f}" if not j else f"{'':>14}") + sample)
+    idx.rerank = RERANK
+    gone = np.random.default_rng(args.seed).choice(n, size=20, replace=False) + 1
+    ms_present = []
+    for i in gone:
+        v = idx._vectors[np.flatnonzero(idx._labels[:len(idx)] == i)].copy()
+        ms, removed = timed(idx.remove, int(i))
+        ms_present.append(ms)
+        assert removed == 1
+        idx.add(int(i), v)
+    ms_absent = [timed(idx.remove, n + 10 + j)[0] for j in range(20)]
+    out.append(f"  remove: an enrolled identity p50 {pct(ms_present, 50):.2f} ms (scan of "
+               f"{n:,} ids); an id never added {pct(ms_absent, 50):.3f} ms")
     return out
 
 
 class faiss_threads:
-    """Temporarily set faiss's OpenMP thread count (process-wide)."""
+    """Temporarily set faiss's OpenMP thread count (0: unchanged)."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -161,423 +279,160 @@ class faiss_threads:
         faiss.omp_set_num_threads(self.before)
 
 
-def batched(index: faiss.Index, queries: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    index.search(queries[:8], DEPTH)  # warm-up
-    t0 = time.perf_counter()
-    scores, labels = index.search(queries, DEPTH)
-    return time.perf_counter() - t0, scores, labels
+# -- crossover --------------------------------------------------------------------------
+def crossover(args: argparse.Namespace) -> list[str]:
+    out = [f"== crossover: one query, k={K}, exact scan vs codes (load {load()}) ==",
+           f"  {'vectors':>9}{'exact p50':>11}{'codes p50':>11}{'ratio':>8}"]
+    rng = np.random.default_rng(args.seed)
+    for n in (1000, 2000, 3000, 5000, 10_000, 20_000, 50_000, 100_000):
+        x = unit(rng.standard_normal((n, DIM), dtype=np.float32))
+        idx = OwnerIndex(flat_below=0)
+        idx.add_many(np.arange(1, n + 1), x)
+        qs = near(x[rng.choice(n, 300)], np.full(300, 0.8, dtype=np.float32), rng)
+        ex, co = [], []
+        for q in qs:  # interleaved, so load hits both alike
+            idx.index_type = "flat"
+            ex.append(timed(idx.search, q, k=K)[0])
+            idx.index_type = "auto"
+            co.append(timed(idx.search, q, k=K)[0])
+        out.append(f"  {n:>9,}{pct(ex, 50):>11.3f}{pct(co, 50):>11.3f}"
+                   f"{pct(ex, 50) / pct(co, 50):>8.2f}")
+    out.append(f"  (ratio > 1: codes faster; FLAT_BELOW is {FLAT_BELOW:,})")
+    return out
 
 
-# -- IVF as OwnerIndex.optimise() builds it ----------------------------------------------
-def build_ivf(vectors: np.ndarray, ids: np.ndarray, per_list: int, niter: int,
-              cap: int = 100_000) -> tuple[OwnerIndex, int, int, float, float]:
-    """The steps of OwnerIndex.optimise(), with the training budget as parameters.
+# -- memory -----------------------------------------------------------------------------
+def rss_kb(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
-    With per_list=32, niter=10 and cap=100k this is exactly what optimise()
-    does (the bench checks that on the smallest size). Returns the OwnerIndex,
-    nlist, the sample size and the train and add times.
-    """
-    nlist = int(4 * np.sqrt(len(vectors)))
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(DIM), DIM, nlist, faiss.METRIC_INNER_PRODUCT)
-    ivf.cp.niter = niter
+
+class PreviousFlat:
+    """The flat index before binary codes: faiss IndexIDMap2 over IndexFlatIP, and a dict
+    of vectors per identity (what ``OwnerIndex("flat")`` held until this change)."""
+
+    def __init__(self) -> None:
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
+        self.ids: dict[int, int] = {}
+
+    def add_many(self, ids: np.ndarray, v: np.ndarray) -> None:
+        self.index.add_with_ids(v, ids)
+        for i, c in zip(*np.unique(ids, return_counts=True), strict=True):
+            self.ids[int(i)] = self.ids.get(int(i), 0) + int(c)
+
+
+def memory_child(kind: str, n: int) -> None:
     rng = np.random.default_rng(0)
-    sample = vectors[rng.choice(len(vectors), min(len(vectors), per_list * nlist, cap),
-                                replace=False)]
-    t0 = time.perf_counter()
-    ivf.train(sample)
-    t_train = time.perf_counter() - t0
-    ivf.nprobe = 32
-    index = faiss.IndexIDMap2(ivf)
-    t0 = time.perf_counter()
-    index.add_with_ids(vectors, ids)
-    t_add = time.perf_counter() - t0
-    idx = OwnerIndex("ivf")
-    idx._index = index
-    idx._ids = dict.fromkeys(ids.tolist(), 1)
-    return idx, nlist, len(sample), t_train, t_add
+    idx = PreviousFlat() if kind == "previous-flat" else OwnerIndex()
+    if kind == "reserve":
+        idx.reserve(n)
+    base, t0 = rss_kb(), time.perf_counter()
+    for s in range(0, n, BATCH):
+        m = min(BATCH, n - s)
+        idx.add_many(np.arange(s + 1, s + m + 1), unit(rng.standard_normal((m, DIM),
+                                                                           dtype=np.float32)))
+    print(rss_kb() - base, rss_kb("VmHWM") - base, time.perf_counter() - t0)
 
 
-def set_nprobe(idx: OwnerIndex, nprobe: int) -> None:
-    faiss.extract_index_ivf(idx._index).nprobe = nprobe
+def memory(n: int) -> list[str]:
+    out = [f"== resident memory to hold {n:,} vectors, one identity each, added in batches "
+           f"of {BATCH:,} (fresh subprocess each; load {load()}) =="]
+    floats = n * DIM * 4 / 2**20
+    for kind, label in (("previous-flat", "previous flat (IndexIDMap2 + dict)"),
+                        ("reserve", "OwnerIndex, reserve(n) first"),
+                        ("grow", "OwnerIndex, growing by 1/4")):
+        res = subprocess.run([sys.executable, __file__, "--memory-child", kind, str(n)],
+                             capture_output=True, text=True, check=True).stdout.split()
+        rss, peak, secs = int(res[0]) / 1024, int(res[1]) / 1024, float(res[2])
+        out.append(f"  {label:<36} +{rss:8,.0f} MiB ({rss * 2**20 / n:,.0f} B/vector), "
+                   f"peak +{peak:,.0f} MiB, {secs:.1f} s")
+    out.append(f"  (the float32 vectors alone: {floats:,.0f} MiB = {DIM * 4} B/vector)")
+    return out
 
 
-def check_mirror(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray) -> bool:
-    """build_ivf(32, 10) gives the same results as the product's optimise()."""
-    prod = OwnerIndex("ivf")
-    prod.add_many(ids, vectors)
-    prod.optimise()
-    mine = build_ivf(vectors, ids, 32, 10)[0]
-    a = prod._index.search(queries, 10)
-    b = mine._index.search(queries, 10)
-    return bool(np.array_equal(a[1], b[1]) and np.allclose(a[0], b[0]))
-
-
-# -- part 1: search -----------------------------------------------------------------------
-@dataclass
-class SizeResult:
-    n: int
-    rows: list[tuple]
-    notes: list[str]
-
-
-def quality(flat_scores: np.ndarray, flat_labels: np.ndarray, scores: np.ndarray,
-            labels: np.ndarray, n_re: int) -> dict[str, float]:
-    top_f, top_i = flat_labels[:, 0], labels[:, 0]
-    same = top_f == top_i
-    flagged_f = flat_scores[:n_re, 0] >= REVIEW
-    flagged_i = scores[:n_re, 0] >= REVIEW
-    return {"recall": float(same.mean()), "recall_re": float(same[:n_re].mean()),
-            "recall_new": float(same[n_re:].mean()),
-            "missed": int((flagged_f & ~flagged_i).sum()), "flagged": int(flagged_f.sum())}
-
-
-def bench_size(n: int, args: argparse.Namespace) -> SizeResult:
-    notes: list[str] = []
-    people = People(args.seed + n, args.clusters)
-    t0 = time.perf_counter()
-    x = people.draw(n)
-    ids = np.arange(1, n + 1, dtype=np.int64)
-    n_re = args.queries // 2
-    src = people.rng.choice(n, size=n_re, replace=False)
-    q_re, cos_re = people.reenroll(x[src], *args.reenroll_cos)
-    q_new = people.draw(args.queries - n_re)
-    queries = np.ascontiguousarray(np.concatenate([q_re, q_new]))
-    # single-query order: alternate re-enrollment / new person
-    order = np.ravel(np.column_stack([np.arange(n_re), n_re + np.arange(n_re)]))[:args.single]
-    singles = queries[order]
-    notes.append(f"data: {n} identities, {args.clusters} clusters, generated in "
-                 f"{time.perf_counter() - t0:.1f} s; {n_re} re-enrollment queries (cosine to "
-                 f"source {cos_re.min():.2f}-{cos_re.max():.2f}, mean {cos_re.mean():.2f}) + "
-                 f"{len(q_new)} new people")
-
-    # exact
-    flat = OwnerIndex("flat")
-    t0 = time.perf_counter()
-    flat.add_many(ids, x)
-    t_flat = time.perf_counter() - t0
-    flat_single = single_latency(flat, singles, args.single, args.single_budget)
-    with faiss_threads(1):
-        flat_single1 = single_latency(flat, singles, args.single, args.single_budget)
-    t_fb, fs, fl = batched(flat._index, queries)
-    found_src = float((fl[:n_re, 0] == ids[src]).mean())
-    new_best = fs[n_re:, 0]
-    notes.append(f"exact: re-enrollments whose source is the top hit {found_src:.1%}; new "
-                 f"people's best score p50 {np.median(new_best):.2f}, max {new_best.max():.2f} "
-                 f"(review threshold {REVIEW}, block {BLOCK})")
-    rows = [("flat (exact)", "-", f"{t_flat:.1f}", f"{pct(flat_single, 50):.2f}",
-             f"{pct(flat_single, 99):.2f}", f"{pct(flat_single1, 50):.2f}",
-             f"{pct(flat_single1, 99):.2f}", len(flat_single), f"{len(queries) / t_fb:,.0f}",
-             "1.000", "1.000", "1.000", f"0/{int((fs[:n_re, 0] >= REVIEW).sum())}")]
-
-    # IVF
-    if args.check_mirror and n == min(args.sizes):
-        ok = check_mirror(x, ids, queries[:200])
-        notes.append(f"bench IVF build == OwnerIndex.optimise() on the same data: {ok}")
-    per_list, niter = args.train_per_list, args.niter
-    ivf, nlist, sample, t_train, t_add = build_ivf(x, ids, per_list, niter)
-    notes.append(f"IVF nlist={nlist}, trained on {sample} vectors ({per_list}/list, at most "
-                 f"100k) x {niter} k-means iterations in {t_train:.1f} s, add {t_add:.1f} s")
-    del x
-    for nprobe in args.nprobes:
-        set_nprobe(ivf, nprobe)
-        t_b, s_, l_ = batched(ivf._index, queries)
-        qual = quality(fs, fl, s_, l_, n_re)
-        m = args.single if nprobe == 32 else min(args.single, 50)
-        single = single_latency(ivf, singles, m, args.single_budget)
-        with faiss_threads(1):
-            single1 = single_latency(ivf, singles, m, args.single_budget)
-        rows.append((f"ivf nprobe={nprobe}" + (" (product)" if nprobe == 32 else ""),
-                     f"{t_train:.1f}" if nprobe == args.nprobes[0] else "",
-                     f"{t_add:.1f}" if nprobe == args.nprobes[0] else "",
-                     f"{pct(single, 50):.2f}", f"{pct(single, 99):.2f}",
-                     f"{pct(single1, 50):.2f}", f"{pct(single1, 99):.2f}", len(single),
-                     f"{len(queries) / t_b:,.0f}", f"{qual['recall']:.3f}",
-                     f"{qual['recall_re']:.3f}", f"{qual['recall_new']:.3f}",
-                     f"{qual['missed']}/{qual['flagged']}"))
-    set_nprobe(ivf, 32)
-    del flat, ivf
-    return SizeResult(n, rows, notes)
-
-
-def print_size(r: SizeResult) -> None:
-    print(f"\n== {r.n:,} identities ==")
-    for note in r.notes:
-        print(f"  {note}")
-    head = ("index", "train s", "add s", "1q p50", "1q p99", "1thr p50", "1thr p99", "(n)",
-            "batch q/s", "recall@1", "R@1 re-enr", "R@1 new", "missed dup")
-    widths = (-22, 8, 7, 8, 8, 9, 9, 5, 11, 9, 11, 8, 11)
-    for row in (head, *r.rows):
-        print("  " + "".join(f"{str(c):<{-w}}" if w < 0 else f"{str(c):>{w}}"
-                             for c, w in zip(row, widths, strict=True)))
-
-
-# -- part 2: rebuild from the encrypted store ----------------------------------------------
-def consent_fields(name: str) -> dict:
-    return {"subject": f"Bench Person {name}", "given_by": "self", "guardian_name": None,
-            "purposes": ["enroll", "generate"],
-            "retain_until": dt.date.today() + dt.timedelta(days=365),
-            "evidence_sha256": hashlib.sha256(name.encode()).hexdigest()}
-
-
-def build_fixture(vault: Vault, n: int, vectors: np.ndarray, rng: np.random.Generator,
-                  chunk: int = 5000) -> dict[str, float]:
-    """n identities of OWNER, one face photo each, as the product would store them."""
-    vault.add_owner(OWNER, "studio", actor=ACTOR)
-    with vault.session() as s:
-        owner_id = s.scalar(select(Owner.id).where(Owner.name == OWNER))
-        first_id = (s.scalar(select(Identity.id).order_by(Identity.id.desc()).limit(1)) or 0) + 1
-        head = s.get(AuditHead, 1)
-        seq, prev = head.seq, head.hash
-    version = vault.keys.active_version()
-    model_id = "bench-arcface-synthetic"
-    t_crypto = t_db = 0.0
-    shapes = None
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        t0 = time.perf_counter()
-        raw = vectors[start:stop] * rng.uniform(18, 24, size=(stop - start, 1)).astype(np.float32)
-        normed = raw / np.linalg.norm(raw, axis=1, keepdims=True)
-        keys, idents, consents, arts, events = [], [], [], [], []
-        for j, i in enumerate(range(start, stop)):
-            iid, name, uid, now = first_id + i, f"p{i:07d}", str(uuid.uuid4()), utcnow()
-            payload = codec.encode("face", {"embeddings": raw[j:j + 1], "normed": normed[j:j + 1],
-                                            "mean": normed[j]}, {"model_id": model_id})
-            if shapes is None:
-                shapes = codec.decode(payload, kind="face").shapes
-            key_id, dek = uuid.uuid4(), crypto.new_key()
-            keys.append({"key_id": str(key_id), "identity_uid": uid, "kek_version": version,
-                         "wrapped": vault.keys._wrap(dek, version, _dek_context(uid, key_id)),
-                         "created_at": now})
-            art_id = str(uuid.uuid4())
-            ctx = vault._context(OWNER, uid, art_id, "face", model_id)
-            sealed = crypto.seal(dek, payload, key_id=key_id, key_version=1, context=ctx)
-            digest = hashlib.sha256(payload).hexdigest()
-            idents.append({"id": iid, "uid": uid, "owner_id": owner_id, "name": name,
-                           "status": "active", "created_at": now, "updated_at": now})
-            consent_uid = str(uuid.uuid4())
-            c = consent_fields(name)
-            consents.append({"uid": consent_uid, "identity_id": iid, "given_at": now, **c})
-            arts.append({"id": art_id, "identity_id": iid, "kind": "face", "schema_version": 1,
-                         "model_id": model_id, "size": len(payload), "sha256": digest,
-                         "shapes": shapes, "ciphertext": sealed, "created_at": now})
-            handle = f"{OWNER}/{name}"
-            for action, details in (
-                ("identity.create", {"identity": uid, "consent": consent_uid, "given_by": "self",
-                                     "purposes": c["purposes"],
-                                     "retain_until": c["retain_until"].isoformat()}),
-                ("artifact.write", {"artifact": art_id, "kind": "face", "model_id": model_id,
-                                    "sha256": digest, "replaced": None}),
-            ):
-                details = json.loads(json.dumps(details, sort_keys=True))
-                seq += 1
-                digest_ev = audit.event_hash(seq, now, action, ACTOR, OWNER, handle, details, prev)
-                events.append({"seq": seq, "at": now, "action": action, "actor": ACTOR,
-                               "owner": OWNER, "subject": handle, "details": details,
-                               "prev_hash": prev, "hash": digest_ev})
-                prev = digest_ev
-        t1 = time.perf_counter()
-        # the product's order: the data key is committed before the sealed artifact
-        with vault.keystore_engine.begin() as conn:
-            conn.execute(insert(DataKey.__table__), keys)
-        with vault.engine.begin() as conn:
-            conn.execute(insert(Identity.__table__), idents)
-            conn.execute(insert(Consent.__table__), consents)
-            conn.execute(insert(Artifact.__table__), arts)
-            conn.execute(insert(AuditEvent.__table__), events)
-            conn.execute(update(AuditHead.__table__).where(AuditHead.id == 1)
-                         .values(seq=seq, hash=prev))
-        t_crypto += t1 - t0
-        t_db += time.perf_counter() - t1
-    return {"encode+seal": t_crypto, "insert": t_db}
-
-
-class RssPeak:
-    """Peak growth of this process's resident memory while the block runs (sampled)."""
-
-    def __init__(self, every_s: float = 0.05) -> None:
-        self.every_s, self.peak_growth = every_s, 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.peak_growth = max(self.peak_growth, self.rss() - self.base)
-
-    def __enter__(self) -> RssPeak:
-        self.base = self.rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_growth = max(self.peak_growth, self.rss() - self.base)
-
-
-def bench_rebuild(args: argparse.Namespace, root: Path) -> list[str]:
-    n = args.rebuild_n
-    lines = []
-    settings = Settings(data_dir=root / "rebuild")
-    people = People(args.seed + 7, args.clusters)
-    x = people.draw(n)
-    t0 = time.perf_counter()
-    vault = Vault.init(settings, actor=ACTOR)
-    parts = build_fixture(vault, n, x, people.rng)
-    t_fix = time.perf_counter() - t0
-    size = sum((settings.data_dir / f).stat().st_size for f in ("vault.db", "keystore.db"))
-    lines.append(f"fixture: {n:,} identities x 1 face photo written in {t_fix:.1f} s "
-                 f"(encode+wrap+seal {parts['encode+seal']:.1f} s, bulk insert "
-                 f"{parts['insert']:.1f} s); vault.db + keystore.db {size / 1e6:.0f} MB")
-    # the fixture is what the product reads: open a few through the product path
-    pick = people.rng.choice(n, size=min(5, n), replace=False)
-    for i in pick:
-        got = vault.get_artifact(f"{OWNER}/p{i:07d}", "face", purpose="generate", actor=ACTOR)
-        if not np.allclose(got.artifact.tensors["normed"][0], x[i], atol=1e-6):
-            raise AssertionError(f"fixture identity {i} does not read back")
-    lines.append(f"fixture check: {len(pick)} artifacts opened by Vault.get_artifact and match")
-    if args.verify_audit:
-        t0 = time.perf_counter()
-        res = vault.verify_audit()
-        lines.append(f"fixture check: audit chain of {res.events:,} events ok={res.ok} "
-                     f"({time.perf_counter() - t0:.1f} s)")
-        if not res.ok:
-            raise AssertionError(res.reason)
-    vault.dispose()
-
-    # the measured operation: a fresh process-like Vault (empty caches) rebuilds its index
-    src = people.rng.choice(n, size=min(20, n), replace=False)
-    q, cos = people.reenroll(x[src], *args.reenroll_cos)
-    for index_type in args.rebuild_index:
-        vault = Vault.open(settings.with_(dedupe_index=index_type))
-        with RssPeak() as rss:
-            t0 = time.perf_counter()
-            res = vault.rebuild_index()
-            t_rebuild = time.perf_counter() - t0
-        lines.append(f"Vault.rebuild_index() with dedupe_index={index_type}: {t_rebuild:.1f} s = "
-                     f"{n / t_rebuild:,.0f} identities/s ({res['vectors']:,} vectors, "
-                     f"{res['identities']:,} identities); process memory grew by up to "
-                     f"{rss.peak_growth / 1e6:,.0f} MB during it (the vectors alone: "
-                     f"{n * DIM * 4 / 1e6:,.0f} MB)")
-        if res["identities"] != n or res["vectors"] != n:
-            raise AssertionError(f"rebuilt index holds {res}, expected {n} identities")
-        lat, hits = [], 0
-        for i, qi in zip(src, q, strict=True):
-            t1 = time.perf_counter_ns()
-            top = vault.search_faces(OWNER, qi[None], k=1)
-            lat.append((time.perf_counter_ns() - t1) / 1e6)
-            hits += bool(top) and top[0]["handle"] == f"{OWNER}/p{i:07d}"
-        lines.append(f"  then {hits}/{len(src)} noisy re-enrollments (cosine "
-                     f"{cos.min():.2f}-{cos.max():.2f}) find their source first via "
-                     f"Vault.search_faces (p50 {statistics.median(lat):.1f} ms per call)")
-        vault.dispose()
-        if hits != len(src):
-            raise AssertionError("a query did not find its source after the rebuild")
-    if args.profile_rebuild:
-        vault = Vault.open(settings)
-        prof = cProfile.Profile()
-        prof.enable()
-        vault.rebuild_index()
-        prof.disable()
-        for sort, restrict, title in (("tottime", (14,), "top by own time"),
-                                      ("cumulative", (r"/vault/", 12),
-                                       "vault/ functions by cumulative time")):
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats(sort).print_stats(*restrict)
-            out = buf.getvalue().splitlines()
-            start = next(i for i, ln in enumerate(out) if "ncalls" in ln)
-            lines.append(f"cProfile of a second rebuild, {title}:")
-            lines += ["    " + ln.replace(str(Path.cwd()) + "/", "")[:150]
-                      for ln in out[start:start + 15] if ln.strip()]
-        vault.dispose()
-    return lines
+# -- sweep ------------------------------------------------------------------------------
+def sweep(kind: str, n: int, bits: list[int], args: argparse.Namespace) -> list[str]:
+    """Recall@1 of code length x re-rank depth against exact search (re-ranking is exact,
+    so a query is right exactly when exact search's top row is among its candidates)."""
+    out = [f"== sweep: {kind}, {n:,} identities; recall@1 photo / hard by re-rank depth "
+           f"(load {load()}) =="]
+    x, sets, _ = make_data(kind, n, args.queries, args.seed + n)
+    q = np.concatenate(list(sets.values()))
+    with faiss_threads(args.threads):
+        _, truth = faiss.knn(q, x, 1, faiss.METRIC_INNER_PRODUCT)
+    depths = [50, 100, 200, 500, 1000, 2000, 4000]
+    m = len(sets["photo"])
+    out.append("  bits  " + "".join(f"{d:>16}" for d in depths))
+    rows_of = [(f"{b:>4}", projection(b)) for b in bits]
+    if args.gaussian:  # plain Gaussian directions, not orthogonalised: what projection() beats
+        rows_of += [(f"{b:>4}g", np.random.default_rng(CODE_SEED).standard_normal(
+            (DIM, b), dtype=np.float32)) for b in bits]
+    for label, p in rows_of:
+        b = p.shape[1]
+        codes = np.empty((n, b // 8), dtype=np.uint8)
+        for s in range(0, n, 100_000):
+            codes[s:s + 100_000] = np.packbits(x[s:s + 100_000] @ p > 0, axis=1)
+        with faiss_threads(args.threads):
+            _, rows = faiss.knn_hamming(np.packbits(q @ p > 0, axis=1), codes, max(depths))
+        cells = []
+        for d in depths:
+            hit = (rows[:, :d] == truth).any(axis=1)
+            cells.append(f"{hit[:m].mean():.4f}/{hit[m:].mean():.4f}")
+        out.append(f"  {label:<5} " + "".join(f"{c:>16}" for c in cells))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="10000,100000,1000000",
-                    help="roster sizes (comma-separated; 0 or empty skips part 1)")
+    ap.add_argument("--sizes", default="100000,1000000",
+                    help="roster sizes, comma-separated (0 or empty: none)")
+    ap.add_argument("--data", default="faces,random", help="faces and/or random")
     ap.add_argument("--queries", type=int, default=1000,
-                    help="query set: half re-enrollments, half new people (default 1000)")
-    ap.add_argument("--single", type=int, default=200,
-                    help="single-query latency samples per index (default 200)")
-    ap.add_argument("--single-budget", type=float, default=15.0,
-                    help="stop single-query sampling after this many seconds (min 30 "
-                         "samples; default 15)")
-    ap.add_argument("--nprobes", default="8,16,32,64,128", help="IVF nprobe values to sweep")
-    ap.add_argument("--clusters", type=int, default=1000,
-                    help="cluster centres (1000; 0 = isotropic vectors, no structure)")
-    ap.add_argument("--reenroll-cos", default="0.75,0.9",
-                    help="cosine range of a re-enrollment to its source (0.75,0.9)")
-    ap.add_argument("--train-per-list", type=int, default=32,
-                    help="IVF training points per list (product: 32, at most 100k in all)")
-    ap.add_argument("--niter", type=int, default=10, help="k-means iterations (product: 10)")
-    ap.add_argument("--no-check-mirror", dest="check_mirror", action="store_false",
-                    help="skip checking the bench's IVF build against OwnerIndex.optimise()")
-    ap.add_argument("--rebuild-n", type=int, default=100_000,
-                    help="identities in the rebuild fixture (0 skips part 2; default 100000)")
-    ap.add_argument("--rebuild-index", default="flat",
-                    help="index types to rebuild, comma-separated: flat (the product default) "
-                         "and/or ivf (adds OwnerIndex.optimise(); ~1 min at 100k)")
-    ap.add_argument("--verify-audit", action="store_true",
-                    help="also verify the fixture's audit chain (slow at 100k)")
-    ap.add_argument("--profile-rebuild", action="store_true",
-                    help="profile a second rebuild and print where the time goes")
-    ap.add_argument("--threads", type=int, default=0, help="faiss threads (default: all)")
-    ap.add_argument("--data-dir", type=Path, default=None,
-                    help="parent folder for the temporary vault (default: system temp)")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary vault folder")
+                    help="re-enrollment queries per set (photo, hard); default 1000")
+    ap.add_argument("--rerank", default=str(RERANK),
+                    help=f"re-rank depths to compare, comma-separated (default {RERANK})")
+    ap.add_argument("--exact-sample", type=int, default=40,
+                    help="queries also run through the exact scan, interleaved (default 40)")
+    ap.add_argument("--crossover", action="store_true", help="exact scan vs codes, 1k-100k")
+    ap.add_argument("--memory", type=int, default=0, metavar="N",
+                    help="resident memory of N vectors: previous flat index vs OwnerIndex")
+    ap.add_argument("--sweep", default="", metavar="BITS",
+                    help="recall by code length (comma-separated bits) and re-rank depth, "
+                         "on --data and --sizes instead of the main measurement")
+    ap.add_argument("--gaussian", action="store_true",
+                    help="--sweep also with plain Gaussian directions (rows marked g)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="faiss threads for the exact ground truth (default: all)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--memory-child", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    args.sizes = [int(s) for s in args.sizes.split(",") if s.strip() and int(s) > 0]
-    args.nprobes = [int(s) for s in args.nprobes.split(",") if s.strip()]
-    if 32 not in args.nprobes:
-        args.nprobes.append(32)
-    args.rebuild_index = [s.strip() for s in args.rebuild_index.split(",") if s.strip()]
-    if not set(args.rebuild_index) <= {"flat", "ivf"}:
-        ap.error("--rebuild-index takes flat and/or ivf")
-    args.reenroll_cos = tuple(float(s) for s in args.reenroll_cos.split(","))
-    if args.threads:
-        faiss.omp_set_num_threads(args.threads)
+    if args.memory_child:
+        return memory_child(args.memory_child[0], int(args.memory_child[1]))
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip() and int(s) > 0]
+    args.rerank = [int(s) for s in args.rerank.split(",") if s.strip()]
+    kinds = [s.strip() for s in args.data.split(",") if s.strip()]
+    if not set(kinds) <= {"faces", "random"}:
+        ap.error("--data takes faces and/or random")
 
     print(f"bench_dedupe  {dt.datetime.now():%Y-%m-%d %H:%M}  python "
           f"{platform.python_version()}  faiss {faiss.__version__}  {os.cpu_count()} CPUs, "
-          f"faiss threads {faiss.omp_get_max_threads()}, blas threshold "
-          f"{faiss.cvar.distance_compute_blas_threshold}, load average "
-          f"{os.getloadavg()[0]:.1f} (a shared machine: other work inflates latencies)")
+          f"load average {load()}; CODE_BITS {CODE_BITS}, RERANK {RERANK}, FLAT_BELOW "
+          f"{FLAT_BELOW:,}; thresholds review {SETTINGS.dedupe_review}, block "
+          f"{SETTINGS.dedupe_block}", flush=True)
     t_all = time.perf_counter()
-    for n in args.sizes:
-        t0 = time.perf_counter()
-        r = bench_size(n, args)
-        print_size(r)
-        print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    print("\n  1q = ms per OwnerIndex.search(one query, k=5) with faiss's default threads "
-          "(what the\n  product does); 1thr = the same with faiss.omp_set_num_threads(1); "
-          "batch = faiss search\n  of all queries in one call (default threads); "
-          "recall@1 = same best identity as exact search;\n  missed dup = re-enrollments "
-          "exact search flags (score >= review) that IVF does not / all\n  that exact "
-          "search flags.")
-    if args.rebuild_n:
-        if args.data_dir:
-            args.data_dir.mkdir(parents=True, exist_ok=True)
-        root = Path(tempfile.mkdtemp(prefix="idvault-bench-dedupe-", dir=args.data_dir))
-        print(f"\n== rebuild the index from the encrypted store ({args.rebuild_n:,} "
-              f"identities, SQLite in {root}) ==", flush=True)
-        try:
-            for line in bench_rebuild(args, root):
-                print(f"  {line}", flush=True)
-        finally:
-            if args.keep:
-                print(f"  kept {root}")
-            else:
-                shutil.rmtree(root, ignore_errors=True)
-    print(f"\ntotal {time.perf_counter() - t_all:.0f} s, load average now "
-          f"{os.getloadavg()[0]:.1f}")
+    if "faces" in kinds and sizes:
+        print(calibration(args.seed), flush=True)
+    for kind in kinds:
+        for n in sizes:
+            lines = sweep(kind, n, [int(b) for b in args.sweep.split(",")], args) \
+                if args.sweep else bench_size(kind, n, args)
+            print("\n".join(lines), flush=True)
+    if args.crossover:
+        print("\n".join(crossover(args)), flush=True)
+    if args.memory:
+        print("\n".join(memory(args.memory)), flush=True)
+    print(f"total {time.perf_counter() - t_all:.0f} s, load average now {load()}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ class Settings:
     # are read by the key provider itself and never stored in Settings.
     dedupe_block: float = 0.70  # IDVAULT_DEDUPE_BLOCK
     dedupe_review: float = 0.50  # IDVAULT_DEDUPE_REVIEW
-    dedupe_index: str = "flat"  # IDVAULT_DEDUPE_INDEX: flat | ivf
+    dedupe_index: str = "auto"  # IDVAULT_DEDUPE_INDEX: auto | flat
     max_artifact_bytes: int = 16 * 1024 * 1024  # IDVAULT_MAX_ARTIFACT_BYTES
     dek_cache_seconds: float = 30.0  # IDVAULT_DEK_CACHE_SECONDS; 0 disables
     # Scale-out: jobs go to Celery workers over this broker (redis://...); None runs them
@@ -56,8 +56,10 @@ class Settings:
             raise InvalidInput(
                 f"unknown key provider {self.key_provider!r}; choose one of {', '.join(KEY_PROVIDERS)}"
             )
-        if self.dedupe_index not in ("flat", "ivf"):
-            raise InvalidInput(f"dedupe index must be 'flat' or 'ivf', not {self.dedupe_index!r}")
+        if self.dedupe_index == "ivf":  # the former approximate index; auto replaced it
+            object.__setattr__(self, "dedupe_index", "auto")
+        if self.dedupe_index not in ("auto", "flat"):
+            raise InvalidInput(f"dedupe index must be 'auto' or 'flat', not {self.dedupe_index!r}")
         if not 0.0 < self.dedupe_review <= self.dedupe_block <= 1.0:
             raise InvalidInput(
                 "dedupe thresholds must satisfy 0 < review <= block <= 1 "

@@ -23,7 +23,15 @@ def test_env_then_overrides(tmp_path):
     ({"IDVAULT_DEDUPE_BLOCK": "high"}, "IDVAULT_DEDUPE_BLOCK='high' is not a valid float"),
     ({"IDVAULT_DEDUPE_REVIEW": "0.9"}, "review <= block"),
     ({"IDVAULT_KEY_PROVIDER": "hsm"}, "unknown key provider"),
+    ({"IDVAULT_DEDUPE_INDEX": "hnsw"}, "dedupe index must be 'auto' or 'flat'"),
 ])
 def test_bad_values(env, fragment):
     with pytest.raises(InvalidInput, match=fragment):
         Settings.from_env(env)
+
+
+def test_dedupe_index_default_and_former_ivf():
+    assert Settings().dedupe_index == "auto"
+    assert Settings.from_env({"IDVAULT_DEDUPE_INDEX": "flat"}).dedupe_index == "flat"
+    # 'ivf' (removed) reads as its replacement, so an old setting keeps working
+    assert Settings.from_env({"IDVAULT_DEDUPE_INDEX": "ivf"}).dedupe_index == "auto"

@@ -327,15 +327,13 @@ def test_dedupe_md_thresholds_match_settings():
 
 
 def test_dedupe_md_index_types_and_blas_threshold():
-    import faiss
-
-    from vault.dedupe_index import INDEX_TYPES
+    from vault.dedupe_index import INDEX_TYPES, _faiss
 
     text = read("dedupe.md")
     for kind in INDEX_TYPES:
         assert f"`{kind}`" in text, kind
     body = section(text, "The FAISS BLAS threshold")
-    assert mentions(body, str(faiss.cvar.distance_compute_blas_threshold))
+    assert mentions(body, str(_faiss().cvar.distance_compute_blas_threshold))
 
 
 # -- README.md (written separately; read at test time) ---------------------------------------
