@@ -4,13 +4,15 @@ Only safetensors is accepted (never pickle). Every payload is checked against
 its kind's schema in :mod:`vault.artifact_kinds` before it is sealed and again
 after it is opened: tensor names, dtypes, shapes and symbolic dimensions,
 finite values, required metadata and size. A refusal names the tensor (or
-metadata key) and the rule it breaks.
+metadata key) and the rule it breaks. :func:`stack_rows` validates many
+payloads the same way at once, for bulk readers (an index rebuild).
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +23,7 @@ from vault.artifact_kinds import KINDS, KindSchema
 from vault.errors import ArtifactRejected
 
 RESERVED_META = ("idvault.kind", "idvault.schema_version")
+_LENGTH = struct.Struct("<Q")  # safetensors: the header's length, then the header
 _DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64", "BF16": "bfloat16",
            "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
            "BOOL": "bool"}
@@ -100,6 +103,64 @@ def decode(payload: bytes, *, kind: str | None = None, max_bytes: int | None = N
         raise ArtifactRejected(f"not a valid safetensors payload: {exc}") from None
     _check_values(spec, tensors)
     return DecodedArtifact(found, int(meta["idvault.schema_version"]), tensors, meta)
+
+
+def stack_rows(payloads: Sequence[bytes], *, kind: str, name: str) -> tuple[np.ndarray, list[int]]:
+    """Tensor ``name`` of every payload as float32 rows (its last axis), stacked in order,
+    and how many rows each payload gave; each payload is validated exactly as
+    :func:`decode` validates it, and the first invalid one raises what ``decode`` raises.
+
+    Payloads with the same safetensors header and size (what one encoder writes) pass
+    the same schema and safetensors checks, so each such layout is decoded in full once
+    and the rest only get the checks that depend on their values (finite, unit norm),
+    for all of them at once: a few microseconds a payload instead of ~80.
+    """
+    spec = schema(kind)
+    layouts: dict[tuple[bytes, int], list[int]] = {}  # (length + header, size) -> payloads
+    for i, payload in enumerate(payloads):
+        if len(payload) < 8:
+            decode(payload, kind=kind)  # raises: too short
+        (n,) = _LENGTH.unpack_from(payload)
+        layouts.setdefault((payload[:8 + n], len(payload)), []).append(i)
+    counts = [0] * len(payloads)
+    parts: list[tuple[list[int], np.ndarray]] = []
+    for (head, size), members in layouts.items():
+        first = decode(payloads[members[0]], kind=kind)  # every check, once per layout
+        header = json.loads(head[8:])
+        arrays = _stacked([payloads[i] for i in members], len(head), header)
+        try:
+            _check_values(spec, arrays)
+        except ArtifactRejected:
+            for i in members:  # the first bad payload, with decode's own message
+                decode(payloads[i], kind=kind)
+            raise
+        rows = arrays[name].astype(np.float32).reshape(len(members), -1, first.tensors[name]
+                                                        .shape[-1])
+        for i in members:
+            counts[i] = rows.shape[1]
+        parts.append((members, rows))
+    width = parts[0][1].shape[-1] if parts else 0
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    out = np.empty((int(offsets[-1]), width), dtype=np.float32)
+    for members, rows in parts:
+        at = offsets[members][:, None] + np.arange(rows.shape[1])
+        out[at.ravel()] = rows.reshape(-1, width)
+    return out, counts
+
+
+def _stacked(payloads: list[bytes], start: int, header: dict) -> dict[str, np.ndarray]:
+    """The tensors of same-layout payloads, each with a leading axis over the payloads
+    (views of one buffer)."""
+    data = b"".join(memoryview(p)[start:] for p in payloads)
+    data = np.frombuffer(data, dtype=np.uint8).reshape(len(payloads), -1)
+    out = {}
+    for tensor, info in header.items():
+        if tensor == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
+        out[tensor] = data[:, begin:end].view(dtype).reshape(len(payloads), *info["shape"])
+    return out
 
 
 def read_header(payload: bytes) -> dict:

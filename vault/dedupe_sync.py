@@ -6,31 +6,43 @@ and then, before every search, applies the owner's changes from the change
 log (:mod:`vault.dedupe_log`) that it has not applied yet. Vectors are
 decrypted from the face artifacts; the log holds ids only. A long-lived
 process (a worker, a server) loads an owner once and then pays only for the
-changes: one decryption per identity added since, nothing per removal.
+changes: one decryption per identity added since, nothing per removal. A full
+load of a large roster decrypts in worker processes (:mod:`vault.dedupe_load`)
+and streams into a fresh index, which replaces the owner's old one at the end.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from vault import codec, crypto, dedupe_log
+from vault import codec, crypto, dedupe_load, dedupe_log
+from vault.dedupe_index import OwnerIndex
+from vault.dedupe_load import INDEXED_STATUSES, FaceReader, Workers
 from vault.models import Artifact, Identity, Owner
 
-INDEXED_STATUSES = ("active", "held")  # held identities are indexed: a third try is caught
-BATCH_ROWS = 1000
+# A worker process takes ~1 s to start (imports; more on a busy machine) and this process
+# reads ~25k identities a second alone: below this many, workers would not pay for
+# themselves (bench/bench_rebuild.py).
+PARALLEL_MIN_IDENTITIES = 50_000
 
 
 class IndexSync:
     """Loads and catches up ``vault.index`` (see the module docstring)."""
 
-    def __init__(self, vault) -> None:
+    def __init__(self, vault, workers: int | None = None) -> None:
+        """``workers``: processes that decrypt a full load (None: one per core; 1: none,
+        the calling process does it all)."""
         self.vault = vault
         self.index = vault.index
         self.applied: dict[int, int] = {}  # owner id -> newest change applied
+        self.workers = workers
 
     def loaded(self, owner_id: int) -> bool:
         return owner_id in self.applied
@@ -42,45 +54,57 @@ class IndexSync:
             self.load(owner_id)
 
     def load(self, owner_id: int, progress: Callable[[int, int], None] | None = None) -> int:
-        """Decrypt the owner's face artifacts, in batches, into fresh indexes; returns the
-        number of vectors. Changes committed while it runs are applied by the next
-        :meth:`catch_up` (applying one twice changes nothing)."""
+        """Decrypt the owner's face artifacts into fresh indexes, a range at a time, and
+        put them in place of the owner's; returns the number of vectors. Changes committed
+        while it runs are applied by the next :meth:`catch_up` (applying one twice changes
+        nothing)."""
         vault = self.vault
-        indexed = (Identity.owner_id == owner_id, Identity.status.in_(INDEXED_STATUSES),
-                   Artifact.kind == "face")
         with vault.session(read_only=True) as s:
             start = dedupe_log.latest(s, owner_id)  # before the rows: nothing is missed
             owner_name = s.scalar(select(Owner.name).where(Owner.id == owner_id))
-            uids = set(s.scalars(select(Identity.uid).join(Artifact).where(*indexed)))
-        deks = vault.keys.all_deks(uids)
-        by_model: dict[str, tuple[list[int], list[np.ndarray]]] = {}
-        query = (select(Identity.id, Identity.uid, Artifact.id, Artifact.model_id,
-                        Artifact.ciphertext)
-                 .join(Artifact, Artifact.identity_id == Identity.id).where(*indexed)
-                 .execution_options(yield_per=BATCH_ROWS))
-        with vault.session(read_only=True) as s:
-            for n, row in enumerate(s.execute(query), 1):
-                identity_id, uid, art_id, model_id, ciphertext = row
-                if uid not in deks:
-                    continue  # shredded mid-erasure; its rows are going
-                normed = self._normed(owner_name, uid, art_id, model_id, ciphertext,
-                                      deks[uid][1])
-                ids, vectors = by_model.setdefault(model_id, ([], []))
-                ids.extend([identity_id] * len(normed))
-                vectors.append(normed)
-                if progress and (n % BATCH_ROWS == 0 or n == len(uids)):
-                    progress(n, len(uids))
+            plan = dedupe_load.plan(s.connection(), owner_id)
+        built: dict[str, OwnerIndex] = {}
+        done = 0
+        with self._reader(owner_id, owner_name, plan.identities) as reader:
+            for k, (rows, parts) in enumerate(reader.map(plan.ranges)):
+                for model_id, ids, vectors in parts:
+                    if model_id not in built:
+                        # Sized from the first range that has the model, a quarter to
+                        # spare: room not yet written is address space, not memory.
+                        left = len(plan.ranges) - k
+                        built[model_id] = self._fresh(len(vectors) * left * 5 // 4)
+                    built[model_id].add_many(ids, vectors)
+                done += rows
+                if progress:
+                    progress(done, max(done, plan.identities))
+        for idx in built.values():
+            idx.optimise()
         with self.index.lock:
             self.index.drop_owner(owner_id)
-            count = 0
-            for model_id, (ids, vectors) in by_model.items():
-                idx = self.index.get(owner_id, model_id)
-                idx.add_many(np.asarray(ids), np.concatenate(vectors))
-                idx.optimise()
-                count += len(ids)
+            for model_id, idx in built.items():
+                # The new indexes replace the old in one step, under the lock: a search
+                # sees the old ones, or the new ones.
+                self.index._indexes[(owner_id, model_id)] = idx
             self.applied[owner_id] = start
         self.vault.caches.start()  # from now on this process holds vectors: keep them fresh
-        return count
+        return sum(len(idx) for idx in built.values())
+
+    def _fresh(self, vectors: int) -> OwnerIndex:
+        """An empty index as ``DedupeIndex.get`` makes one, with room for ``vectors``."""
+        idx = OwnerIndex(self.index.index_type, flat_below=self.index.flat_below)
+        idx.reserve(vectors)
+        return idx
+
+    def _reader(self, owner_id: int, owner: str, roster: int):
+        """A context whose ``map(ranges)`` yields ``(rows, parts)`` per range, in order:
+        worker processes for a large roster (``roster`` identities, any status), else a
+        reader in this process alone."""
+        vault = self.vault
+        here = FaceReader(vault.engine, vault.keys, str(vault.vault_id), owner_id, owner)
+        n = min(self.workers or os.cpu_count() or 1, math.ceil(roster / dedupe_load.BATCH_ROWS))
+        if n > 1 and roster >= PARALLEL_MIN_IDENTITIES:
+            return Workers(n, vault.settings, str(vault.vault_id), owner_id, owner, here)
+        return nullcontext(here)
 
     def catch_up(self, s: Session, owner_id: int) -> int:
         """Apply the owner's changes that ``s`` sees and this process has not applied, in
@@ -117,7 +141,7 @@ class IndexSync:
                                 Artifact.kind == "face")).all()
         deks = self.vault.keys.all_deks({r[1] for r in rows})
         return [(identity_id, model_id,
-                 self._normed(owner_name, uid, art_id, model_id, ciphertext, deks[uid][1]))
+                 self._normed(owner_name, uid, art_id, model_id, ciphertext, deks[uid]))
                 for identity_id, uid, owner_name, art_id, model_id, ciphertext in rows
                 if uid in deks]
 
@@ -126,3 +150,4 @@ class IndexSync:
         payload = crypto.open_token(dek, ciphertext, context=self.vault._context(
             owner, uid, art_id, "face", model_id))
         return codec.decode(payload, kind="face").tensors["normed"]
+

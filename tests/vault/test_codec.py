@@ -160,3 +160,74 @@ def test_unknown_schema_version_refused():
         metadata={**meta, "idvault.kind": "celeb_basis", "idvault.schema_version": "7"})
     with pytest.raises(ArtifactRejected, match="schema version '7'"):
         codec.decode(payload, kind="celeb_basis")
+
+
+def _rewritten(payload: bytes, **values: np.ndarray) -> bytes:
+    """``payload`` with some tensors' bytes replaced, the header kept byte for byte (so it
+    shares its layout with the payload it came from)."""
+    (n,) = struct.unpack("<Q", payload[:8])
+    header = json.loads(payload[8:8 + n])
+    data = bytearray(payload[8 + n:])
+    for name, value in values.items():
+        begin, end = header[name]["data_offsets"]
+        data[begin:end] = np.ascontiguousarray(value, dtype=np.float32).tobytes()
+    return payload[:8 + n] + bytes(data)
+
+
+def _batch(rng) -> list[bytes]:
+    out = [face_payload(photos=1 + i % 4, seed=i) for i in range(30)]
+    t = codec.decode(face_payload(photos=2, seed=99), kind="face").tensors
+    out.append(codec.encode("face", {k: v.astype(np.float16) for k, v in t.items()},
+                            {"model_id": "buffalo_l"}))
+    out.append(face_payload(photos=3, seed=5, model_id="antelopev2"))
+    rng.shuffle(out)
+    return out
+
+
+@pytest.mark.parametrize("name", ["normed", "mean", "embeddings"])
+def test_stack_rows_gives_what_decode_gives(name):
+    payloads = _batch(np.random.default_rng(3))
+    rows, counts = codec.stack_rows(payloads, kind="face", name=name)
+    want = [codec.decode(p, kind="face").tensors[name].astype(np.float32).reshape(-1, 512)
+            for p in payloads]
+    assert counts == [len(w) for w in want]
+    assert rows.dtype == np.float32 and np.array_equal(rows, np.concatenate(want))
+    empty, none = codec.stack_rows([], kind="face", name=name)
+    assert len(empty) == 0 and none == []
+
+
+_GOOD = face_payload(photos=2, seed=1)  # made once: safetensors orders metadata at random
+
+
+def _bad_payloads() -> list[bytes]:
+    good = _GOOD
+    t = codec.decode(good, kind="face").tensors
+    nan = t["embeddings"].copy()
+    nan[1, 3] = np.nan
+    long = t["normed"] * 1.5
+    inf_mean = t["mean"].copy()
+    inf_mean[0] = np.inf
+    return [_rewritten(good, embeddings=nan),  # same layout as its neighbours: value checks
+            _rewritten(good, normed=long),
+            _rewritten(good, mean=inf_mean),
+            _rewritten(good, mean=t["mean"] * 0.5),
+            face_payload(photos=2, seed=1)[:-4],  # truncated
+            face_payload(model_id="m")[:9]]
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_stack_rows_refuses_what_decode_refuses_with_its_message(i):
+    bad = _bad_payloads()[i]
+    with pytest.raises(ArtifactRejected) as want:
+        codec.decode(bad, kind="face")
+    batch = [_rewritten(_GOOD, **codec.decode(face_payload(photos=2, seed=j), kind="face")
+                        .tensors) for j in range(5)]
+    batch.insert(3, bad)  # one layout (bar the truncated), and not its first, fully decoded
+    with pytest.raises(ArtifactRejected) as got:
+        codec.stack_rows(batch, kind="face", name="normed")
+    assert str(got.value) == str(want.value)
+
+
+def test_stack_rows_checks_the_kind():
+    with pytest.raises(ArtifactRejected, match="is a 'face' artifact, not 'lidb'"):
+        codec.stack_rows([face_payload()], kind="lidb", name="down_train")

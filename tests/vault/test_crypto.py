@@ -60,3 +60,28 @@ def test_wrong_key_and_truncation():
 def test_not_a_token():
     with pytest.raises(DecryptionError, match="magic"):
         crypto.read_header(b"\x00" * 64)
+
+
+_TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=12)  # quotes, braces, %, é, \x00
+
+
+@given(fixed=st.dictionaries(st.text(min_size=1, max_size=8), _TEXT, max_size=4),
+       varying=st.dictionaries(st.text(min_size=1, max_size=8), _TEXT, min_size=1, max_size=4))
+def test_a_context_encoder_gives_the_bytes_of_encode_context(fixed, varying):
+    fixed = {k: v for k, v in fixed.items() if k not in varying}
+    enc = crypto.ContextEncoder(fixed, list(varying))
+    assert enc(*varying.values()) == crypto.encode_context({**fixed, **varying})
+
+
+def test_open_token_takes_an_encoded_context_with_the_same_checks():
+    token = crypto.seal(KEY, b"secret", key_id=KID, key_version=1, context=CTX)
+    enc = crypto.ContextEncoder({k: v for k, v in CTX.items() if k != "identity"}, ["identity"])
+    assert crypto.open_token(KEY, token, context=enc("u1")) == b"secret"
+    with pytest.raises(DecryptionError, match="failed authentication"):
+        crypto.open_token(KEY, token, context=enc("u2"))
+    with pytest.raises(DecryptionError, match="truncated"):
+        crypto.open_token(KEY, token[:20], context=enc("u1"))
+    with pytest.raises(TypeError, match="expected 1"):
+        enc("u1", "u2")
+    with pytest.raises(TypeError, match="once"):
+        crypto.ContextEncoder({"identity": "x"}, ["identity"])

@@ -12,11 +12,13 @@ import time
 
 import numpy as np
 import pytest
+from sqlalchemy import select, update
 
 from tests.helpers import consent, face_payload
 from vault.config import Settings
 from vault.crypto import new_key
-from vault.errors import KeyUnavailable
+from vault.errors import IntegrityError, KeyUnavailable
+from vault.keystore_models import DataKey
 from vault.vault import Vault
 
 
@@ -186,3 +188,23 @@ def test_rotation_killed_at_random_points_then_rerun(vault, settings):
         assert list(doc["keys"]) == [str(active[0])]  # old versions no longer needed
         _all_decrypt(v, n)
         assert v.verify_audit().ok
+
+
+
+def test_all_deks_unwraps_with_the_checks_of_dek_and_caches_nothing(vault):
+    uids = [f"uid-{i}" for i in range(4)]
+    made = {u: vault.keys.get_or_create_dek(u) for u in uids}
+    vault.keys._deks.clear()
+    vault.keys.shred(uids[0])
+    with vault.keystore_engine.begin() as conn:  # a key id in another spelling, same key
+        conn.execute(update(DataKey).where(DataKey.identity_uid == uids[1])
+                     .values(key_id=str(made[uids[1]][0]).upper()))
+    got = vault.keys.all_deks(uids + ["never-had-one"])
+    assert got == {u: made[u][1] for u in uids[1:]} and not vault.keys._deks
+    with vault.keystore_engine.begin() as conn:  # a wrapped key moved to another identity
+        wrapped = conn.execute(select(DataKey.wrapped)
+                               .where(DataKey.identity_uid == uids[2])).scalar()
+        conn.execute(update(DataKey).where(DataKey.identity_uid == uids[3])
+                     .values(wrapped=wrapped))
+    with pytest.raises(IntegrityError, match=f"identity {uids[3]} failed authentication"):
+        vault.keys.all_deks(uids)
