@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -143,18 +142,6 @@ def snapshot(pid: int) -> dict:
 
 
 # -- requests ------------------------------------------------------------------------------
-def _multipart(photos: list[bytes], consent: dict) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    out = io.BytesIO()
-    for i, data in enumerate(photos):
-        out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"photos\"; "
-                  f"filename=\"p{i}.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n".encode())
-        out.write(data + b"\r\n")
-    out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"consent\"\r\n\r\n"
-              f"{json.dumps(consent)}\r\n--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
 def lookups(url: str, token: str, n: int, identities: int) -> int:
     u = urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
@@ -172,6 +159,7 @@ def lookups(url: str, token: str, n: int, identities: int) -> int:
 def enroll(url: str, token: str) -> int:
     from PIL import Image
 
+    from bench.bench_web import _multipart
     from encoders.standins.synthetic_faces import synthetic_face
 
     buf = io.BytesIO()
