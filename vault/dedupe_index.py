@@ -234,9 +234,6 @@ class OwnerIndex:
         self._n = end
         return len(gone)
 
-    def optimise(self) -> None:
-        """Nothing to build: codes are made as vectors are added (kept for callers)."""
-
     # -- search -------------------------------------------------------------------------
     def search(self, vectors: np.ndarray, k: int = 5,
                exclude: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, float]]:

@@ -77,8 +77,6 @@ class IndexSync:
                 done += rows
                 if progress:
                     progress(done, max(done, plan.identities))
-        for idx in built.values():
-            idx.optimise()
         with self.index.lock:
             self.index.drop_owner(owner_id)
             for model_id, idx in built.items():
