@@ -106,24 +106,64 @@ import torch
 CLASS_WORDS = ("girl", "man", "woman", "boy")
 
 
-def _full_size_pipe(models: Path, args, storymaker: bool):
+def _full_size_pipe(models: Path, args, storymaker: bool, adapters: set[str]):
     """The full-size SDXL (random) on the target device and full-size identity checkpoints."""
+    from generators.adapters.faceid import OFFICIAL_FILE, OFFICIAL_LORA_RANK, FaceIDConfig
+    from generators.standins.faceid import tiny_faceid_state
     from generators.standins.full_size_sdxl import (
         build_full_size_sdxl,
         load_base_manifest,
         write_full_size_id_models,
     )
+    from generators.standins.instantid import write_full_size_instantid
 
     manifest = load_base_manifest(args.manifests)
     # Checkpoints first: their float32 build on the CPU (~3.3 GB at most) is freed before
     # the model exists, so the two never add up in host memory.
     meta = build_full_size_sdxl(manifest, device="meta", dtype=args.dtype).unet
     write_full_size_id_models(models, meta, seed=args.seed, storymaker=storymaker)
+    if "faceid" in adapters:  # 1.49 GB in fp16, as released
+        torch.save(tiny_faceid_state(meta, config=FaceIDConfig(), rank=OFFICIAL_LORA_RANK,
+                                     seed=args.seed + 3), models / OFFICIAL_FILE)
+    if "instantid" in adapters:  # ip-adapter.bin 1.69 GB, ControlNetModel 2.5 GB
+        write_full_size_instantid(models, meta, seed=args.seed + 4)
     del meta
     return build_full_size_sdxl(manifest, device=args.device, dtype=args.dtype, seed=args.seed)
 
 
-def _setup(root: Path, identities: int, args, storymaker: bool = True):
+def _adapter_payloads(rng: np.random.Generator, full_size: bool
+                      ) -> dict[str, object]:
+    """Per adapter a function of nothing -> a random artifact payload that fits its stand-in
+    (the CLIP width of the FaceID projection; an antelopev2 model id for InstantID)."""
+    from generators.adapters.faceid import TINY_FACEID, FaceIDConfig
+    from vault import codec
+
+    clip_dim = (FaceIDConfig() if full_size else TINY_FACEID).clip_embeddings_dim
+    positions = 257
+
+    def faceid() -> bytes:
+        normed = rng.normal(size=(1, 512))
+        return codec.encode("faceid", {
+            "normed": (normed / np.linalg.norm(normed, axis=1, keepdims=True)).astype(np.float32),
+            "clip_embeds": rng.normal(size=(1, positions, clip_dim)).astype(np.float16),
+            "clip_negative": rng.normal(size=(positions, clip_dim)).astype(np.float16)},
+            {"model_id": f"clip@{'0' * 16}+buffalo_l/w600k_r50.onnx@{'0' * 16}",
+             "face_model_id": f"buffalo_l/w600k_r50.onnx@{'0' * 16}",
+             "clip_model_id": f"clip@{'0' * 16}"})
+
+    def instantid() -> bytes:
+        return codec.encode("instantid", {
+            "embeddings": (rng.normal(size=(1, 512)) * 20).astype(np.float32),
+            "kps": np.array([[38, 52], [90, 52], [64, 80], [44, 104], [84, 104]], np.float32),
+            "bbox": np.array([20, 20, 108, 124], np.float32),
+            "image_size": np.array([128, 128], np.float32)},
+            {"model_id": f"antelopev2/glintr100.onnx@{'0' * 16}"})
+
+    return {"faceid": faceid, "instantid": instantid}
+
+
+def _setup(root: Path, identities: int, args, storymaker: bool = True,
+           adapters: set[str] = frozenset()):
     from diffusers import StableDiffusionXLPipeline
 
     from encoders.id.checkpoints import file_digest
@@ -136,7 +176,7 @@ def _setup(root: Path, identities: int, args, storymaker: bool = True):
 
     models = root / "models"
     if args.full_size:
-        pipe = _full_size_pipe(models, args, storymaker)
+        pipe = _full_size_pipe(models, args, storymaker, adapters)
     else:
         write_tiny_generation_models(models)
     vault = Vault.init(Settings(data_dir=root / "vault"), actor="bench")
@@ -145,6 +185,7 @@ def _setup(root: Path, identities: int, args, storymaker: bool = True):
     sm = (f"storymaker/mask.bin@{file_digest(models / 'mask.bin')[:16]}+clip@{'0' * 16}"
           if storymaker else None)
     rng = np.random.default_rng(0)
+    payloads = _adapter_payloads(rng, args.full_size)
     import datetime as dt
     import hashlib
 
@@ -161,6 +202,8 @@ def _setup(root: Path, identities: int, args, storymaker: bool = True):
             vault.put_artifact(handle, "storymaker", codec.encode(
                 "storymaker", {"tokens": rng.normal(size=(20, 2048)).astype(np.float32)},
                 {"model_id": sm, "crop": "face_box_fallback"}), actor="bench")
+        for kind in sorted(adapters):
+            vault.put_artifact(handle, kind, payloads[kind](), actor="bench")
     if args.full_size:
         compose = ComposePipeline(pipe, vault=vault, models_dir=models,
                                   base_model_id="sdxl-full-size-random")
@@ -221,7 +264,12 @@ VARIANTS: dict[str, tuple[int, str | None]] = {
     "photomaker x1": (1, "photomaker"), "photomaker x2": (2, "photomaker"),
     "photomaker x4": (4, "photomaker"),
     "storymaker x1": (1, "storymaker"), "storymaker x2": (2, "storymaker"),
+    "faceid x1": (1, "faceid"), "faceid x4": (4, "faceid"),
+    "instantid x1": (1, "instantid"), "instantid x4": (4, "instantid"),
+    # One identity per method: PhotoMaker, StoryMaker, FaceID and InstantID in one image.
+    "mixed x4": (4, "mixed"),
 }
+MIXED = ("photomaker", "storymaker", "faceid", "instantid")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -288,12 +336,15 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
     variants = {name: VARIANTS[name] for name in args.variants}
-    storymaker = any(method == "storymaker" for _, method in variants.values())
+    used = {m for _, method in variants.values() if method
+            for m in (MIXED if method == "mixed" else (method,))}
+    storymaker = "storymaker" in used
+    adapters = used & {"faceid", "instantid"}
 
     root = args.data_dir or Path(tempfile.mkdtemp(prefix="idvault-bench-gen-"))
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    vault, compose, plain = _setup(root, 4, args, storymaker)
+    vault, compose, plain = _setup(root, 4, args, storymaker, adapters)
     device, dtype = compose.device, compose.dtype
     cuda = device.type == "cuda"
     model = "full-size SDXL, random weights" if args.full_size else "sdxl-tiny stand-in"
@@ -339,8 +390,10 @@ def main(argv: list[str] | None = None) -> None:
             plain(text, num_inference_steps=args.steps, height=height, width=width,
                   guidance_scale=5.0, generator=torch.Generator().manual_seed(args.seed))
         else:
+            chosen = ({f"bench/p{i + 1}": m for i, m in enumerate(MIXED)}
+                      if method == "mixed" else method)
             result = compose(text, seed=args.seed, steps=args.steps, size=(width, height),
-                             method=method, actor="bench")
+                             method=chosen, actor="bench")
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start, timer.seconds()

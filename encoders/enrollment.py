@@ -3,17 +3,20 @@
 The one library call behind ``idvault enroll`` and the web API::
 
     photos -> decode safely -> exactly one usable face per photo -> ArcFace
-    embeddings -> face artifact (+ PhotoMaker ID embeddings, StoryMaker
-    character tokens when asked) -> dedupe + seal + store (Vault.store_enrollment)
+    embeddings -> face artifact (+ the other kinds asked for: PhotoMaker ID
+    embeddings, StoryMaker character tokens, IP-Adapter-FaceID Plus v2 inputs,
+    InstantID inputs) -> dedupe + seal + store (Vault.store_enrollment)
 
 Every photo must yield a face (no silent drops: one error lists each rejected
-photo and why). Long work reports progress through a ``progress(stage, done,
-total)`` callback. 1:1 verification and 1:N search use the same analysis.
+photo and why). Every model a requested kind needs is found and loaded before
+any photo is analysed, so a missing file fails first. Long work reports
+progress through a ``progress(stage, done, total)`` callback. 1:1 verification
+and 1:N search use the same analysis. Adding kinds to an enrolled identity is
+:mod:`encoders.enrollment_kinds`.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from encoders.face.analyzer import FaceAnalyzer, FaceResult, PhotoInput, Pick
-from encoders.face.pack import sha256_file
+from encoders.face.pack import recognizer_model_id
 from encoders.photo import load_photo
 from vault import codec
 from vault.artifact_kinds import ENROLL_KINDS
@@ -36,19 +39,13 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str, int, int], None]
 BATCH = 16  # photos analysed per recogniser run (bounds memory, paces progress)
-
-
-@functools.lru_cache(maxsize=8)
-def _file_digest(path: str, size: int, mtime: float) -> str:
-    return sha256_file(Path(path))
+# IP-Adapter-FaceID was trained on this pack's normed embeddings.
+FACEID_PACK = "buffalo_l"
 
 
 def face_model_id(analyzer: FaceAnalyzer) -> str:
     """``<pack>/<recogniser file>@<sha256 prefix>``: ties embeddings to the weights."""
-    pack = analyzer.models.pack
-    path = pack.recognizer_path
-    st = path.stat()
-    return f"{pack.spec.name}/{path.name}@{_file_digest(str(path), st.st_size, st.st_mtime)[:16]}"
+    return recognizer_model_id(analyzer.models.pack)
 
 
 def face_payload(results: Sequence[FaceResult], model_id: str) -> bytes:
@@ -98,8 +95,10 @@ class EnrollmentReport:
 class Enroller:
     """Runs enrollments, verifications and searches against one vault.
 
-    ``models_dir`` is where the PhotoMaker and StoryMaker checkpoints are looked
-    for (``--models`` / ``IDVAULT_MODELS``); they are loaded on first use.
+    ``models_dir`` is where the encoders' models are looked for (``--models`` /
+    ``IDVAULT_MODELS``): the PhotoMaker and StoryMaker checkpoints, the CLIP
+    ViT-H/14 tower (StoryMaker and FaceID share one loaded copy) and the
+    antelopev2 pack (InstantID); each is loaded on first use and kept.
     """
 
     def __init__(self, vault: Vault, analyzer: FaceAnalyzer,
@@ -109,21 +108,89 @@ class Enroller:
         self.models_dir = models_dir
         self.model_id = face_model_id(analyzer)
         self._encoders: dict[str, object] = {}
+        self._tower = None
 
     def encoder(self, kind: str):
-        """The PhotoMaker or StoryMaker encoder, loaded once."""
+        """The encoder of an enrollment kind other than ``face``, loaded once.
+
+        A missing or unusable model raises ModelUnavailable naming the file and
+        the folders searched; nothing else has run yet.
+        """
         if kind not in self._encoders:
             if kind == "photomaker":
                 from encoders.id.photomaker import PhotoMakerEncoder
 
                 self._encoders[kind] = PhotoMakerEncoder.from_models_dir(self.models_dir)
             elif kind == "storymaker":
-                from encoders.id.storymaker import StoryMakerEncoder
+                self._encoders[kind] = self._storymaker()
+            elif kind == "faceid":
+                self.check_kinds([kind])
+                from encoders.id.faceid_inputs import FaceIDEncoder
 
-                self._encoders[kind] = StoryMakerEncoder.from_models_dir(self.models_dir)
+                self._encoders[kind] = FaceIDEncoder(self.clip_tower())
+            elif kind == "instantid":
+                from encoders.id.instantid_inputs import PACK, InstantIDEncoder
+
+                same = self.analyzer.models.pack.spec.name == PACK
+                self._encoders[kind] = (InstantIDEncoder(self.analyzer) if same else
+                                        InstantIDEncoder.from_models_dir(
+                                            self.models_dir, quality=self.analyzer.quality,
+                                            config=self.analyzer.config))
             else:
                 raise InvalidInput(f"no encoder for kind {kind!r}")
         return self._encoders[kind]
+
+    def clip_tower(self):
+        """The CLIP ViT-H/14 tower of StoryMaker and FaceID (``clip-vit-h-14``), loaded once."""
+        if self._tower is None:
+            from encoders.id.checkpoints import find_checkpoint
+            from encoders.id.clip_vision import ClipVisionTower
+            from encoders.id.photomaker import default_device
+
+            folder = find_checkpoint("clip-vit-h-14", self.models_dir)
+            self._tower = ClipVisionTower.from_pretrained(folder, device=default_device())
+        return self._tower
+
+    def _storymaker(self):
+        # StoryMakerEncoder.from_models_dir, around the shared tower.
+        from encoders.id.checkpoints import find_checkpoint, is_stand_in
+        from encoders.id.storymaker import (
+            TINY_STORYMAKER,
+            StoryMakerConfig,
+            StoryMakerEncoder,
+            load_storymaker,
+        )
+
+        mask_bin = find_checkpoint("storymaker", self.models_dir)
+        config = TINY_STORYMAKER if is_stand_in(mask_bin) else StoryMakerConfig()
+        tower = self.clip_tower()
+        image_proj, checkpoint = load_storymaker(mask_bin, config, device=tower.device,
+                                                 dtype=tower.dtype)
+        return StoryMakerEncoder(image_proj, tower, checkpoint, device=tower.device,
+                                 dtype=tower.dtype)
+
+    def check_kinds(self, kinds: Sequence[str]) -> None:
+        """Refuse kinds this enroller's face analysis cannot feed (before any work)."""
+        pack = self.analyzer.models.pack.spec.name
+        if "faceid" in kinds and pack != FACEID_PACK:
+            raise InvalidInput(
+                f"faceid needs {FACEID_PACK} embeddings (IP-Adapter-FaceID was trained on "
+                f"them) but this enrollment analyses faces with {pack}; enroll with --pack "
+                f"{FACEID_PACK} (API: the server's pack) for faceid")
+
+    def kind_model_id(self, kind: str) -> str:
+        """The model id the artifact of ``kind`` will carry (its encoder is loaded)."""
+        encoder = self.encoder(kind)
+        if kind == "faceid":
+            return encoder.model_id(self.model_id)
+        return encoder.model_id
+
+    def load_encoders(self, kinds: Sequence[str]) -> None:
+        """Check ``kinds`` and load their models: a missing file fails before any work."""
+        self.check_kinds(kinds)
+        for kind in kinds:
+            if kind != "face":
+                self.encoder(kind)
 
     # -- analysis ---------------------------------------------------------------------
     def analyze(self, photos: Sequence[PhotoInput], *, names: Sequence[str] | None = None,
@@ -135,7 +202,7 @@ class Enroller:
         """
         if not photos:
             raise InvalidInput("no photos given")
-        names = list(names) if names is not None else [_label(p, i) for i, p in
+        names = list(names) if names is not None else [photo_label(p, i) for i, p in
                                                          enumerate(photos)]
         rejected: dict[str, str] = {}
         images: list[np.ndarray] = []
@@ -189,21 +256,17 @@ class Enroller:
         if unknown or "face" not in kinds:
             raise InvalidInput(f"enrollment computes these kinds: {', '.join(ENROLL_KINDS)} "
                                f"(asked for {', '.join(kinds)}); 'face' is always required")
-        labels = list(names) if names is not None else [_label(p, i) for i, p in
+        labels = list(names) if names is not None else [photo_label(p, i) for i, p in
                                                           enumerate(photos)]
         unknown_masks = sorted(set(masks or {}) - set(labels))
         if unknown_masks:
             raise InvalidInput(f"masks given for photos not enrolled: {', '.join(unknown_masks)}")
-        for kind in kinds[1:]:
-            self.encoder(kind)  # a missing checkpoint fails before any work
+        self.load_encoders(kinds)  # a missing model fails before any work
         t0 = time.perf_counter()
         images, results = self.analyze(photos, names=labels, pick=pick, progress=progress)
         t1 = time.perf_counter()
-        extra: dict[str, bytes] = {}
-        for n, kind in enumerate(kinds[1:], 1):
-            if progress:
-                progress(f"computing {kind}", n - 1, len(kinds) - 1)
-            extra[kind] = self._encode_kind(kind, images, results, labels, masks or {}, cloth)
+        extra = self.encode_kinds(kinds[1:], images, results, labels, masks=masks or {},
+                                  cloth=cloth, progress=progress)
         t2 = time.perf_counter()
         payload = face_payload(results, self.model_id)
         summaries = [PhotoSummary(labels[i], r.faces_found, r.face_index, r.det_score,
@@ -223,12 +286,33 @@ class Enroller:
             progress("dedupe and store", 1, 1)
         return report(stored, dedupe_seal_store=time.perf_counter() - t2)
 
+    def encode_kinds(self, kinds: Sequence[str], images: list[np.ndarray],
+                     faces: list[FaceResult], labels: list[str], *,
+                     masks: dict[str, np.ndarray] | None = None, cloth: np.ndarray | None = None,
+                     progress: Progress | None = None) -> dict[str, bytes]:
+        """The payloads of ``kinds`` (not ``face``) for analysed photos, in order; progress
+        stage ``computing <kind>`` at 0 of 1, then 1 of 1, for each kind."""
+        out: dict[str, bytes] = {}
+        for kind in kinds:
+            if progress:
+                progress(f"computing {kind}", 0, 1)
+            out[kind] = self._encode_kind(kind, images, faces, labels, masks or {}, cloth)
+            if progress:
+                progress(f"computing {kind}", 1, 1)
+        return out
+
     def _encode_kind(self, kind: str, images: list[np.ndarray], faces: list[FaceResult],
                      labels: list[str], masks: dict[str, np.ndarray],
                      cloth: np.ndarray | None) -> bytes:
         encoder = self.encoder(kind)
         if kind == "photomaker":
             tensors, meta = encoder.encode(images, faces, names=labels)
+        elif kind == "faceid":
+            tensors, meta = encoder.encode(images, faces, face_model_id=self.model_id,
+                                           names=labels)
+        elif kind == "instantid":
+            tensors, meta = encoder.encode(images, faces, names=labels,
+                                           analysis_model_id=self.model_id)
         else:
             from encoders.id.storymaker import pick_reference
 
@@ -263,5 +347,6 @@ class Enroller:
                 "review": self.vault.settings.dedupe_review}
 
 
-def _label(photo: PhotoInput, i: int) -> str:
+def photo_label(photo: PhotoInput, i: int) -> str:
+    """What messages call the ``i``-th photo: a file's name, else ``photo <i + 1>``."""
     return Path(photo).name if isinstance(photo, str | Path) else f"photo {i + 1}"

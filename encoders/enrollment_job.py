@@ -10,6 +10,15 @@ done in the enrollment's own transaction. The stage is discarded when the
 job ends, however it ends; a new identity whose enrollment failed leaves no
 data key behind.
 
+The same job adds kinds to an enrolled identity from staged photos
+(``mode: "add_kinds"``, :mod:`encoders.enrollment_kinds`): the photos are
+checked against the identity's face and used for the kinds, never added to it.
+
+Queues: ``gpu`` when a kind runs a torch encoder (:data:`GPU_KINDS`: PhotoMaker,
+StoryMaker, and FaceID's CLIP ViT-H/14 tower), else ``cpu``: ``face`` and
+``instantid`` run only the ONNX face models (InstantID's antelopev2 pack), which a
+CPU worker runs at enrollment speed.
+
 Importing this module registers the kind; it imports no ML library until a job
 runs, so an API node can import it for the kind's name, checks and queue.
 """
@@ -28,8 +37,9 @@ from vault.jobs import JobContext, JobKind, register_kind
 from vault.models import Identity
 
 KIND = "enroll"
-GPU_KINDS = ("photomaker", "storymaker")  # their encoders run on a GPU worker
-PARAMS = ("handle", "staged", "uid", "consent", "kinds", "pick")
+GPU_KINDS = ("photomaker", "storymaker", "faceid")  # their encoders run on a GPU worker
+PARAMS = ("handle", "staged", "uid", "consent", "kinds", "pick", "mode", "replace")
+MODES = ("enroll", "add_kinds")
 
 _enrollers: dict[tuple, object] = {}
 _enrollers_lock = threading.Lock()
@@ -44,11 +54,28 @@ def validate(params: dict) -> dict:
         raise InvalidInput(f"unknown enroll param(s): {', '.join(map(str, unknown))}")
     out = {"handle": str(Handle.parse(str(params.get("handle", "")))),
            "staged": staged_photos.StagedRef.from_json(params.get("staged")).to_json()}
+    mode = params.get("mode", "enroll")
+    if mode not in MODES:
+        raise InvalidInput(f"'mode' must be one of {', '.join(MODES)}")
     kinds = params.get("kinds", ["face"])
-    if (not isinstance(kinds, list) or "face" not in kinds
+    if mode == "add_kinds":
+        from encoders.enrollment_kinds import parse_kinds
+
+        if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+            raise InvalidInput("'kinds' must be a list of kind names")
+        out["kinds"] = parse_kinds(kinds)
+        if "uid" in params or "consent" in params:
+            raise InvalidInput("adding kinds is for an enrolled identity (no uid or consent)")
+        if not isinstance(params.get("replace", False), bool):
+            raise InvalidInput("'replace' must be true or false")
+        out |= {"mode": mode, "replace": params.get("replace", False)}
+    elif (not isinstance(kinds, list) or "face" not in kinds
             or any(k not in ENROLL_KINDS for k in kinds)):
         raise InvalidInput(f"'kinds' must list 'face' and any of {', '.join(ENROLL_KINDS)}")
-    out["kinds"] = list(dict.fromkeys(kinds))
+    elif "replace" in params:
+        raise InvalidInput("'replace' goes with mode 'add_kinds'")
+    else:
+        out["kinds"] = list(dict.fromkeys(kinds))
     pick = params.get("pick")
     if pick is not None and pick != "largest" and not (
             isinstance(pick, int) and not isinstance(pick, bool) and 0 <= pick < 64):
@@ -96,6 +123,14 @@ def run(ctx: JobContext) -> dict | None:
         def progress(stage: str, done: int, total: int) -> None:
             ctx.progress(0.1 + 0.8 * done / max(total, 1), f"{stage}: {done} of {total}")
 
+        if p.get("mode") == "add_kinds":
+            from encoders.enrollment_kinds import add_kinds
+
+            add_kinds(flow, p["handle"], p["kinds"], [b for _, b in photos],
+                      names=[n for n, _ in photos], pick=p["pick"], replace=p["replace"],
+                      progress=progress, actor=f"job:{ctx.job_id}",
+                      finish=lambda s, report: ctx.finish(s, report.to_json()))
+            return None
         flow.enroll(p["handle"], [b for _, b in photos], names=[n for n, _ in photos],
                     consent=ConsentRequest.from_dict(p["consent"]) if uid else None,
                     kinds=p["kinds"], pick=p["pick"], progress=progress,
@@ -123,4 +158,6 @@ register_kind(JobKind(
     queue=queue, time_limit=1800.0,
     description="enroll photos an API node staged: faces found and embedded, deduplicated, "
                 "the artifacts asked for computed (POST /v1/identities/{owner}/{name}/enroll "
-                "on a scale-out deployment)"), replace=True)
+                "on a scale-out deployment); or, mode add_kinds, kinds added to an enrolled "
+                "identity from staged photos checked against it (POST .../kinds)"),
+    replace=True)

@@ -30,23 +30,28 @@ the models folder). One call runs numbered steps, each timed
    (:func:`generators.conditioning.inject_input_embeddings`); LiDB's
    text-encoder deltas act while encoding when its identity is alone in a
    full-frame box.
-4. ``conditioning``: the methods' fused text tokens and image tokens, the
-   per-phase :class:`~generators.conditioning.Phase` with its
+4. ``conditioning``: the methods' fused text tokens and image tokens (every
+   image-token method's block after another, each its own adapter: projections
+   and scale), the per-phase :class:`~generators.conditioning.Phase` with its
    :class:`~generators.regional_attention.RegionalConditioning`, the LoRAs.
 5. ``prepare_latents``: seeded Gaussian latents (a CPU generator, so a seed
    gives the same image on any device), exactly as the diffusers pipeline.
 6. ``denoise``: the diffusers SDXL loop (classifier-free guidance, the
    scheduler's step) with regional attention installed, the LoRAs applied and
-   the methods' UNet hooks (LiDB's regional deltas) in place; all are taken
-   off again afterwards, also on error, so the pipeline (and a plain
-   ``StableDiffusionXLPipeline`` sharing its components) is as before.
+   the methods' UNet hooks (LiDB's regional deltas) in place; at each step
+   the methods' ControlNet residuals (InstantID's IdentityNet,
+   ``IdentityMethod.unet_residuals``) are summed and passed to the UNet. All
+   are taken off again afterwards, also on error, so the pipeline (and a
+   plain ``StableDiffusionXLPipeline`` sharing its components) is as before.
 7. ``decode``: VAE decode and post-processing, as the diffusers pipeline.
 8. ``record``: the provenance record and manifest, and one ``generate`` audit
    event per identity (handles, artifact ids, seed, prompt digest, pixel digest).
 
 With no identity in the prompt, or one identity with a full-frame box and the
 official settings, the steps reduce exactly to the plain / official pipeline
-(tested). One generation runs at a time per pipeline object (a lock).
+(tested). After every call, also a failed one, each of its methods' ``end_call``
+runs, so nothing derived from the decrypted artifacts outlives it. One
+generation runs at a time per pipeline object (a lock).
 """
 
 from __future__ import annotations
@@ -64,11 +69,19 @@ import torch
 from sqlalchemy.orm import Session
 
 from encoders.base_model_id import base_model_id
-from generators.conditioning import Phase, build_phase, inject_input_embeddings
+from generators.conditioning import (
+    CallImageTokens,
+    Phase,
+    build_phase,
+    inject_input_embeddings,
+    join_image_tokens,
+)
 from generators.layout import DEFAULT_FEATHER, Layout, MaskConfig, choose_layout
 from generators.methods import DEFAULT_PREFERENCE, METHODS
 from generators.methods.assignment import assign_methods, check_method_choice
-from generators.methods.base import IdentityMethod, IdentityRequest, ImageTokens, Scene
+from generators.methods.base import IdentityMethod, IdentityRequest, Scene
+from generators.methods.faceid import FaceIDSettings
+from generators.methods.instantid import InstantIDSettings
 from generators.methods.photomaker import PhotoMakerSettings
 from generators.methods.storymaker import StoryMakerSettings
 from generators.prompt import ParsedPrompt, parse_prompt, resolve_identities
@@ -115,6 +128,8 @@ class ComposeConfig:
     preference: tuple[str, ...] = DEFAULT_PREFERENCE  # --method auto: first that works
     photomaker: PhotoMakerSettings = field(default_factory=PhotoMakerSettings)
     storymaker: StoryMakerSettings = field(default_factory=StoryMakerSettings)
+    faceid: FaceIDSettings = field(default_factory=FaceIDSettings)
+    instantid: InstantIDSettings = field(default_factory=InstantIDSettings)
 
     def __post_init__(self) -> None:
         if not self.guidance_scale >= 0:
@@ -205,24 +220,38 @@ class ComposePipeline:
         self.base_model_id = base_model_id
         unet = pipe.unet
         self.device, self.dtype = unet.device, unet.dtype
-        self.methods: dict[str, IdentityMethod] = {
-            name: cls(models_dir, device=self.device, dtype=self.dtype,
-                      settings=getattr(config, name, None))
-            for name, cls in METHODS.items()}
-        for m in self.methods.values():
-            m.bind(pipe=pipe, vault=vault, base_model_id=base_model_id)
-        self._regional: dict[bool, RegionalAttention] = {}
+        self.methods: dict[str, IdentityMethod] = {}
+        for cls in METHODS.values():
+            self.add_method(cls)
+        # Built at the first call with identities; its processors keep each image-token
+        # method's projections (by reference: the method's tensors, no copy) across calls.
+        self._regional: RegionalAttention | None = None
         from generators.lora import MergeCache
 
         self._merged = MergeCache() if config.fuse_lora and config.lora_cache else None
         self.encode = PromptEncoder(pipe, device=self.device, cache_size=config.prompt_cache)
-        self._projections: int | None = None  # id() of the image projections loaded
+        # Per image-token method, the projections dict its adapter was loaded from.
+        self._projections: dict[str, dict] = {}
         self._lock = threading.Lock()
         cross = getattr(unet.config, "cross_attention_dim", None)
         width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
         if cross != width:
             raise ModelUnavailable(f"base model {base_model_id}: the UNet's cross-attention "
                                    f"width {cross} is not the text encoders' {width}; not SDXL")
+
+    def add_method(self, cls: type[IdentityMethod], *,
+                   settings: object | None = None) -> IdentityMethod:
+        """Make ``cls`` available to this pipeline only (``method=cls.name`` and ``auto``,
+        after the preference order); the registered methods are added at construction.
+        ``settings``: None takes ``ComposeConfig.<name>`` when there is one."""
+        if not getattr(cls, "name", None) or not getattr(cls, "artifact_kind", None):
+            raise InvalidInput("an identity method needs a name and an artifact_kind")
+        if settings is None:
+            settings = getattr(self.config, cls.name, None)
+        method = cls(self.models_dir, device=self.device, dtype=self.dtype, settings=settings)
+        method.bind(pipe=self.pipe, vault=self.vault, base_model_id=self.base_model_id)
+        self.methods[cls.name] = method
+        return method
 
     @classmethod
     def from_pretrained(cls, base_model: str | Path | None = None, *, vault,
@@ -277,11 +306,14 @@ class ComposePipeline:
         result)`` runs in the transaction of the generation's audit events, before
         them (a job stores its image and marks itself done there)."""
         clock = _Clock()
-        with self._lock, torch.no_grad():
+        with self._lock, torch.no_grad(), contextlib.ExitStack() as ends:
             # 1. check inputs
             with clock("check_inputs"):
                 call = self._check_inputs(prompt, layout, seed, steps, size, method,
                                           negative_prompt, guidance_scale)
+            # When the call is over, also by an error: each of its methods drops what it
+            # derived from the decrypted artifacts.
+            ends.callback(self._end_call, call)
             # 2. resolve identities, methods and artifacts (every refusal happens here)
             with clock("resolve"):
                 self._resolve(call, owner=owner, actor=actor, method=method,
@@ -321,7 +353,7 @@ class ComposePipeline:
         guidance = self.config.guidance_scale if guidance_scale is None else guidance_scale
         if not guidance >= 0:
             raise InvalidInput(f"guidance scale must be >= 0, got {guidance!r}")
-        check_method_choice(method, parsed.handles)
+        check_method_choice(method, parsed.handles, self.methods)
         latent_hw = (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
         placed = None
         chosen = choose_layout(layout, parsed.handles, feather=self.config.feather,
@@ -409,7 +441,7 @@ class ComposePipeline:
                 call.negative_rows = self.encode(
                     [tokenize_prompt(tokenizers, "", [], []).ids], scope=owner)
 
-    def _conditioning(self, call: _Call) -> tuple[list[Phase], ImageTokens | None]:
+    def _conditioning(self, call: _Call) -> tuple[list[Phase], CallImageTokens | None]:
         method_of = self._method_of(call)
         fusing = {i for i, m in method_of.items() if m.fuses_text()}
         fused = call.embeds[:1]
@@ -446,13 +478,13 @@ class ComposePipeline:
             raise ModelUnavailable(f"base model {self.base_model_id}: {exc}") from None
         return latents, time_ids.to(self.device).repeat(2 if call.cfg else 1, 1), generator
 
-    def _denoise(self, call: _Call, phases: list[Phase], image: ImageTokens | None,
+    def _denoise(self, call: _Call, phases: list[Phase], image: CallImageTokens | None,
                  latents, time_ids, generator, progress) -> torch.Tensor:
         pipe = self.pipe
         timesteps = pipe.scheduler.timesteps
         extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
         loras = [lora for name in call.groups for lora in self.methods[name].loras()]
-        regional = self._regional_attention(call.groups)
+        regional = self._regional_attention() if call.groups else None
         with contextlib.ExitStack() as stack:
             if loras:
                 from generators.lora import AppliedLoras
@@ -470,10 +502,10 @@ class ComposePipeline:
                 call.scene.conditioning = phase.conditioning
                 model_in = torch.cat([latents] * 2) if call.cfg else latents
                 model_in = pipe.scheduler.scale_model_input(model_in, t)
+                added = {"text_embeds": phase.pooled, "time_ids": time_ids}
+                residuals = self._residuals(call, model_in, t, added)
                 noise = pipe.unet(model_in, t, encoder_hidden_states=phase.embeds,
-                                  added_cond_kwargs={"text_embeds": phase.pooled,
-                                                     "time_ids": time_ids},
-                                  return_dict=False)[0]
+                                  added_cond_kwargs=added, return_dict=False, **residuals)[0]
                 if call.cfg:
                     uncond, text = noise.chunk(2)
                     noise = uncond + call.guidance * (text - uncond)
@@ -508,32 +540,60 @@ class ComposePipeline:
         return result
 
     # -- helpers -------------------------------------------------------------------------------
-    def _image_tokens(self, groups) -> ImageTokens | None:
-        """The image-token method's tokens (None when no method of the call has any), with
-        its image projections loaded into regional attention."""
+    def _end_call(self, call: _Call) -> None:
+        with contextlib.ExitStack() as stack:  # every method's, even when one of them fails
+            for name in call.groups:
+                stack.callback(self.methods[name].end_call)
+
+    def _residuals(self, call: _Call, sample: torch.Tensor, timestep,
+                   added: dict[str, torch.Tensor]) -> dict:
+        """The UNet's ControlNet arguments at this step: the elementwise sum of every method's
+        ``unet_residuals`` (in the order of the call's methods); ``{}`` when none has any."""
+        total: tuple[list[torch.Tensor], torch.Tensor] | None = None
+        for name, members in call.groups.items():
+            got = self.methods[name].unet_residuals(members, call.scene, sample=sample,
+                                                    timestep=timestep, added_cond_kwargs=added,
+                                                    cfg=call.cfg)
+            if got is None:
+                continue
+            down, mid = list(got[0]), got[1]
+            if total is None:
+                total = down, mid
+                continue
+            if len(down) != len(total[0]) or any(
+                    a.shape != b.shape for a, b in zip(down, total[0], strict=True)) or \
+                    mid.shape != total[1].shape:
+                raise InvalidInput(f"{name}: its ControlNet residuals do not match the shapes "
+                                   "of the other methods' residuals")
+            total = [a + b for a, b in zip(total[0], down, strict=True)], total[1] + mid
+        if total is None:
+            return {}
+        return {"down_block_additional_residuals": tuple(total[0]),
+                "mid_block_additional_residual": total[1]}
+
+    def _image_tokens(self, groups) -> CallImageTokens | None:
+        """Every image-token method's tokens, one method's block after another (None when no
+        method of the call has any), with each method's projections loaded into regional
+        attention as the adapter of its name, at its ``settings.image_scale``."""
+        parts = []
         for name, members in groups.items():
             m = self.methods[name]
-            if m.uses_image_tokens:
-                image = m.image_tokens(members)
-                regional = self._regional_for(image_tokens=True)
-                projections = m.image_projections()
-                if self._projections != id(projections):
-                    regional.load_image_projections(projections)
-                    self._projections = id(projections)
-                regional.image_scale = m.settings.image_scale
-                return image
-        return None
+            if not m.uses_image_tokens:
+                continue
+            tokens = m.image_tokens(members)
+            if tokens is None:
+                continue
+            regional = self._regional_attention()
+            projections = m.image_projections()
+            if self._projections.get(name) is not projections:  # strict check once per dict
+                regional.load_image_projections(projections, adapter=name)
+                self._projections[name] = projections
+            regional.set_scale(name, m.settings.image_scale)
+            parts.append((name, tokens))
+        return join_image_tokens(parts)
 
-    def _regional_attention(self, groups) -> RegionalAttention | None:
-        """The regional attention to install: none without identities; with image tokens
-        when a method of the call uses them."""
-        if not groups:
-            return None
-        image = any(self.methods[name].uses_image_tokens for name in groups)
-        return self._regional_for(image_tokens=image)
-
-    def _regional_for(self, *, image_tokens: bool) -> RegionalAttention:
-        if image_tokens not in self._regional:
-            self._regional[image_tokens] = RegionalAttention(self.pipe.unet,
-                                                             image_tokens=image_tokens)
-        return self._regional[image_tokens]
+    def _regional_attention(self) -> RegionalAttention:
+        """The pipeline's one regional attention (built at first use)."""
+        if self._regional is None:
+            self._regional = RegionalAttention(self.pipe.unet)
+        return self._regional

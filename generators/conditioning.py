@@ -4,12 +4,17 @@ vectors that input-embedding methods (Celeb Basis) put into the prompt.
 
 PhotoMaker denoises in two phases (the text-only prompt up to its
 ``start_merge_step``, then the fused one); every other method in one.
+
+Several image-token methods may serve one call (StoryMaker, IP-Adapter-FaceID,
+InstantID): :func:`join_image_tokens` puts their tokens one method after
+another, each method one adapter group
+(:class:`~generators.regional_attention.ImageGroup`) with its own projections.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,14 +25,64 @@ from generators.prompt_encoding import PromptEncoder
 from generators.prompt_tokens import PromptTokens
 from generators.regional_attention import (
     IdentityTokens,
+    ImageGroup,
     RegionalConditioning,
     RegionalConfig,
     cfg_text_rows,
 )
+from vault.errors import InvalidInput
 
-__all__ = ["Phase", "build_phase", "inject_input_embeddings"]
+__all__ = ["CallImageTokens", "Phase", "build_phase", "inject_input_embeddings",
+           "join_image_tokens"]
 
 TEXT_LENGTH = 77  # CLIP's context: the text part of every sequence
+
+
+@dataclass(frozen=True)
+class CallImageTokens:
+    """Every image-token method's tokens of one call, one method's block after another.
+
+    ``positive``/``negative`` are ``(n, D)``; ``groups`` hold one
+    :class:`~generators.regional_attention.ImageGroup` per method (the adapter is the
+    method's name), ``ranges`` each handle's ``[start, stop)``; both count from the
+    first image token of the whole sequence.
+    """
+
+    positive: torch.Tensor
+    negative: torch.Tensor
+    groups: tuple[ImageGroup, ...]
+    ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def join_image_tokens(parts: Sequence[tuple[str, ImageTokens]]) -> CallImageTokens | None:
+    """``(adapter, tokens)`` per image-token method, in order -> one sequence of groups
+    (None when there are none). One method's tensors are used as they are."""
+    if not parts:
+        return None
+    width = parts[0][1].positive.shape[-1]
+    groups, ranges, offset = [], {}, 0
+    for adapter, tokens in parts:
+        n = tokens.positive.shape[0]
+        if tokens.positive.ndim != 2 or tokens.positive.shape[-1] != width or \
+                tokens.negative.shape != tokens.positive.shape:
+            raise InvalidInput(f"{adapter}: image tokens {tuple(tokens.positive.shape)} / "
+                               f"negative {tuple(tokens.negative.shape)}; every method's must "
+                               f"be (n, {width}) for both")
+        shift = (None if tokens.global_range is None
+                 else (tokens.global_range[0] + offset, tokens.global_range[1] + offset))
+        groups.append(ImageGroup(adapter, (offset, offset + n), shift))
+        for handle, (start, stop) in tokens.ranges.items():
+            if handle in ranges:
+                raise InvalidInput(f"{handle} has image tokens from two methods")
+            ranges[handle] = (start + offset, stop + offset)
+        offset += n
+    if len(parts) == 1:
+        positive, negative = parts[0][1].positive, parts[0][1].negative
+    else:
+        dtype = parts[0][1].positive.dtype
+        positive = torch.cat([t.positive.to(dtype) for _, t in parts])
+        negative = torch.cat([t.negative.to(dtype) for _, t in parts])
+    return CallImageTokens(positive, negative, tuple(groups), ranges)
 
 
 @dataclass
@@ -41,7 +96,7 @@ class Phase:
 
 def build_phase(embeds: torch.Tensor, pooled: torch.Tensor, *, tokens: PromptTokens,
                 parsed: ParsedPrompt, requests: Sequence[IdentityRequest], fused: set[int],
-                image: ImageTokens | None, placed: tuple[Layout, RegionalConfig] | None,
+                image: CallImageTokens | None, placed: tuple[Layout, RegionalConfig] | None,
                 latent_hw: tuple[int, int],
                 negative: tuple[torch.Tensor, torch.Tensor] | None,
                 class_words: bool) -> Phase:
@@ -80,7 +135,7 @@ def build_phase(embeds: torch.Tensor, pooled: torch.Tensor, *, tokens: PromptTok
             identities.append(IdentityTokens(r.handle, tuple(sorted(positions)), rng))
         conditioning = RegionalConditioning(
             layout, latent_hw, tuple(identities), text_len=TEXT_LENGTH, num_image_tokens=n_img,
-            global_image_tokens=image.global_range if image is not None else None,
+            image_groups=image.groups if image is not None else (),
             text_rows=cfg_text_rows(1) if negative is not None else None,
             config=regional_config)
     return Phase(embeds, pooled, conditioning)

@@ -185,13 +185,16 @@ def plan_photomaker_lora(shapes: Mapping[str, Sequence[int]],
 
 def plan_storymaker_lora(shapes: Mapping[str, Sequence[int]], processor_order: Sequence[str],
                          linears: Mapping[str, tuple[int, int]], *,
-                         source: str = "ip_adapter") -> LoraPlan:
+                         source: str = "ip_adapter", method: str = "storymaker",
+                         label: str = "StoryMaker") -> LoraPlan:
     """Map StoryMaker's index-keyed ``ip_adapter`` onto the processors of ``processor_order``.
 
     ``processor_order`` is ``list(unet.attn_processors)``. Every key is used,
     every shape checked, every processor must carry its eight LoRA tensors and
     every cross-attention its ``to_k_ip``/``to_v_ip`` (``(hidden, cross_dim)``,
     the shape of the layer's ``to_k``). Raises ModelUnavailable listing every problem.
+    IP-Adapter-FaceID's ``ip_adapter`` has the same layout: ``method`` names the plan,
+    ``label`` the file in messages.
     """
     shapes = {k: tuple(v) for k, v in shapes.items()}
     order = list(processor_order)
@@ -201,7 +204,7 @@ def plan_storymaker_lora(shapes: Mapping[str, Sequence[int]], processor_order: S
     for key, shape in shapes.items():
         m = _STORY_KEY.match(key)
         if m is None:
-            problems.append(f"{key}: not a StoryMaker ip_adapter key (<index>.to_*_lora.down|"
+            problems.append(f"{key}: not a {label} ip_adapter key (<index>.to_*_lora.down|"
                             "up.weight or <index>.to_k_ip|to_v_ip.weight)")
             continue
         i = int(m["index"])
@@ -249,8 +252,8 @@ def plan_storymaker_lora(shapes: Mapping[str, Sequence[int]], processor_order: S
                                 f"shape of {prefix}.to_{proj})")
             ip_keys.append(key)
     if problems or rank is None:
-        raise _refuse("StoryMaker ip_adapter", source, problems or ["no LoRA tensors"])
-    return LoraPlan("storymaker", source, rank, tuple(targets), tuple(ip_keys))
+        raise _refuse(f"{label} ip_adapter", source, problems or ["no LoRA tensors"])
+    return LoraPlan(method, source, rank, tuple(targets), tuple(ip_keys))
 
 
 @dataclass(frozen=True)

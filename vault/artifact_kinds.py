@@ -71,8 +71,11 @@ class KindSchema:
 MODEL_ID = MetaSpec("model_id", "the encoder weights or base model this artifact belongs to "
                                 "(content hash where possible)")
 MAX_PHOTOS = 64
+# A faceid artifact keeps the CLIP features of at most this many photos (~0.66 MB each in
+# fp16 at ViT-H/14's 257 x 1280); more photos add tokens, not likeness.
+FACEID_MAX_PHOTOS = 4
 # The kinds computed from photos at enrollment (the others are fitted by jobs, or put).
-ENROLL_KINDS = ("face", "photomaker", "storymaker")
+ENROLL_KINDS = ("face", "photomaker", "storymaker", "faceid", "instantid")
 
 KINDS: dict[str, KindSchema] = {
     s.kind: s
@@ -112,6 +115,50 @@ KINDS: dict[str, KindSchema] = {
             tensors=(TensorSpec("tokens", (20, 2048)),),
             metadata=(MODEL_ID, MetaSpec("crop", "how the character crop was made",
                                          ("mask", "face_box_fallback", "cloth"))),
+            max_bytes=1 << 20,
+        ),
+        KindSchema(
+            kind="faceid",
+            schema_version=1,
+            description="IP-Adapter-FaceID Plus v2 inputs: per photo the L2-normalised "
+                        "buffalo_l ArcFace embedding and the CLIP ViT-H/14 penultimate hidden "
+                        "states of the 224 px aligned face crop, plus the CLIP features of an "
+                        "all-zero image (the official negative); projected at generation",
+            tensors=(
+                TensorSpec("normed", ("photos", 512), description="normed_embedding per photo"),
+                TensorSpec("clip_embeds", ("photos", "positions", "clip_dim"),
+                           description="hidden_states[-2] of the aligned face crop per photo"),
+                TensorSpec("clip_negative", ("positions", "clip_dim"),
+                           description="hidden_states[-2] of an all-zero pixel input"),
+            ),
+            dims={"photos": DimSpec(1, FACEID_MAX_PHOTOS, description="photos used"),
+                  "positions": DimSpec(1, 1025, description="CLIP positions (257 for "
+                                                             "ViT-H/14 at 224 px)"),
+                  "clip_dim": DimSpec(1, 2048, description="CLIP hidden size (1280)")},
+            metadata=(MODEL_ID,
+                      MetaSpec("face_model_id", "the ArcFace weights of `normed`"),
+                      MetaSpec("clip_model_id", "the CLIP vision tower of `clip_embeds`")),
+            max_bytes=8 << 20,
+            unit_norm=("normed",),
+        ),
+        KindSchema(
+            kind="instantid",
+            schema_version=1,
+            description="InstantID inputs: the raw antelopev2 (glintr100) ArcFace embedding "
+                        "per photo, and the five keypoints, face box and size of the reference "
+                        "photo, redrawn inside the identity's region at generation",
+            tensors=(
+                TensorSpec("embeddings", ("photos", 512), description="raw embedding per photo"),
+                TensorSpec("kps", (5, 2), ("float32",),
+                           description="reference photo keypoints (x, y) in pixels: eyes, "
+                                       "nose, mouth corners"),
+                TensorSpec("bbox", (4,), ("float32",),
+                           description="reference face box x0, y0, x1, y1 in pixels"),
+                TensorSpec("image_size", (2,), ("float32",),
+                           description="reference photo width, height in pixels"),
+            ),
+            dims={"photos": DimSpec(1, MAX_PHOTOS, description="enrolled photos")},
+            metadata=(MODEL_ID,),
             max_bytes=1 << 20,
         ),
         KindSchema(

@@ -317,6 +317,43 @@ class Vault:
                 finish(s, stored)
         return stored
 
+    def put_artifacts(self, handle: str, payloads: Sequence[bytes], *, replace: bool = True,
+                      actor: str | None = None, enroll_details: dict | None = None,
+                      finish: Callable[[Session, list[StoredArtifact]], None] | None = None
+                      ) -> list[StoredArtifact]:
+        """Several artifacts of one identity (not ``face``) in one transaction, as
+        :meth:`put_artifact` stores one: consent must grant ``enroll``; each write is
+        audited. ``replace=False`` refuses (Conflict, nothing stored) when the identity
+        already holds an artifact of one of these kinds and model ids.
+        ``enroll_details``: an ``enroll`` event with these details is appended too
+        (kinds added to an enrolled identity). ``finish`` runs before the commit."""
+        decoded = [codec.decode(p, max_bytes=self.settings.max_artifact_bytes)
+                   for p in payloads]
+        if not decoded or any(d.kind == "face" for d in decoded):
+            raise InvalidInput("put_artifacts stores one or more artifacts other than 'face'")
+        actor = actor or _actor()
+        with self.session() as s:
+            identity = identities.get_identity(s, Handle.parse(handle), lock=True)
+            check_use(identity.consent, "enroll")
+            if not replace:
+                held = {(a.kind, a.model_id): a.id for a in identity.artifacts}
+                clash = [(d.kind, d.model_id) for d in decoded if (d.kind, d.model_id) in held]
+                if clash:
+                    raise Conflict(
+                        f"{identity.handle} already holds " + "; ".join(
+                            f"a {k} artifact for model {m} ({held[(k, m)]})" for k, m in clash)
+                        + "; replace it explicitly, or leave that kind out",
+                        artifacts=[held[c] for c in clash])
+            stored = [self._store(s, identity, d, p, actor=actor)
+                      for d, p in zip(decoded, payloads, strict=True)]
+            if enroll_details is not None:
+                audit.append(s, "enroll", actor=actor, owner=identity.owner.name,
+                             subject=identity.handle,
+                             details={**enroll_details, "kinds": [a.kind for a in stored]})
+            if finish is not None:
+                finish(s, stored)
+        return stored
+
     def _store(self, s: Session, identity: Identity, decoded: codec.DecodedArtifact,
                payload: bytes, *, actor: str) -> StoredArtifact:
         """Seal and add one artifact inside the caller's transaction."""

@@ -37,6 +37,11 @@ MAX_PROMPT = 2000
 MAX_STEPS = 100
 MAX_SIDE = 2048
 MAX_PIPELINES = 2
+# The identity methods of generators.methods.METHODS (a test keeps the two equal), named
+# here so that an API node can check a request without importing the ML stack.
+METHOD_CHOICES = ("auto", "photomaker", "storymaker", "faceid", "instantid", "celeb_basis",
+                  "lidb")
+MAX_METHODS = 16  # per-identity method choices in one request
 PARAMS = ("prompt", "layout", "seed", "steps", "size", "method", "commercial")
 
 _pipes: dict[tuple, object] = {}
@@ -76,15 +81,25 @@ def validate(params: dict) -> dict:
             raise InvalidInput(f"'size' must be [width, height], multiples of 8 from 8 to "
                                f"{MAX_SIDE}")
         out["size"] = list(size)
-    method = params.get("method", "auto")
-    if not isinstance(method, str) or not method or len(method) > 32:
-        raise InvalidInput("'method' must be 'auto' or a method name")
-    out["method"] = method
+    out["method"] = _method(params.get("method", "auto"))
     commercial = params.get("commercial", False)
     if not isinstance(commercial, bool):
         raise InvalidInput("'commercial' must be true or false")
     out["commercial"] = commercial
     return out
+
+
+def _method(method: object) -> str | dict[str, str]:
+    """``auto``, one method name, or an object mapping handles to method names."""
+    if isinstance(method, str) and method in METHOD_CHOICES:
+        return method
+    if (isinstance(method, dict) and 0 < len(method) <= MAX_METHODS
+            and all(isinstance(k, str) and 0 < len(k) <= 80 and v in METHOD_CHOICES
+                    for k, v in method.items())):
+        return {k.lstrip("@"): v for k, v in method.items()}
+    raise InvalidInput(f"'method' must be one of {', '.join(METHOD_CHOICES)}, or an object "
+                       "mapping each identity's handle to one of them, e.g. {\"@smiths/ana\": "
+                       "\"faceid\", \"@smiths/ben\": \"instantid\"}")
 
 
 def preflight(vault, owner: str, params: dict) -> None:
@@ -94,7 +109,14 @@ def preflight(vault, owner: str, params: dict) -> None:
     from generators.prompt import parse_prompt, resolve_identities
 
     purposes = ("generate", "commercial") if params.get("commercial") else ("generate",)
-    resolve_identities(vault, parse_prompt(params["prompt"]), owner=owner, purposes=purposes)
+    parsed = parse_prompt(params["prompt"])
+    method = params.get("method", "auto")
+    if isinstance(method, dict):
+        extra = sorted(set(method) - set(parsed.handles))
+        if extra:
+            raise InvalidInput(f"'method' names identities the prompt does not mention: "
+                               f"{', '.join('@' + h for h in extra)}")
+    resolve_identities(vault, parsed, owner=owner, purposes=purposes)
 
 
 def stored_image(vault, job: dict) -> Path:

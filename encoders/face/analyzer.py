@@ -36,6 +36,7 @@ from vault.errors import InvalidInput, PhotoRejected
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"insightface\.utils\.face_align")
 
 Pick = Union[None, Literal["largest"], int]
+ALIGN_PROBLEM = "landmarks unusable for alignment"
 PhotoInput = Union[np.ndarray, bytes, str, Path]
 
 
@@ -100,6 +101,11 @@ class FaceCandidate:
     @property
     def usable(self) -> bool:
         return not self.problems
+
+    @property
+    def alignable(self) -> bool:
+        """Whether ``aligned`` is a real crop (its keypoints allowed alignment)."""
+        return ALIGN_PROBLEM not in self.problems
 
     def describe(self) -> str:
         x1, y1, x2, y2 = (int(round(v)) for v in self.bbox)
@@ -275,7 +281,7 @@ class FaceAnalyzer:
                     f"face too small ({face_px:.0f} px, minimum {q.min_face_px:.0f} px)"
                 )
             if crop is None:
-                problems.append("landmarks unusable for alignment")
+                problems.append(ALIGN_PROBLEM)
                 crop, blur = np.zeros((112, 112, 3), np.uint8), 0.0
             else:
                 grey = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)

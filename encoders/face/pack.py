@@ -13,6 +13,7 @@ Nothing here loads a model; see :mod:`encoders.face.analyzer`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Mapping
@@ -162,6 +163,24 @@ def inspect_face_pack(models_dir: Path | str | None, pack: str = "buffalo_l",
     shown = chosen or max(searched, key=lambda d: sum((d / n).is_file() for n in spec.files))
     files = tuple(_describe(shown / name) for name in spec.files)
     return PackReport(pack=spec.name, searched=searched, directory=chosen, files=files)
+
+
+def recognizer_model_id(pack: FacePack) -> str:
+    """``<pack>/<recogniser file>@<sha256 prefix>``: ties embeddings to the exact weights.
+
+    Embeddings of different recognisers (buffalo_l's R50 and antelopev2's R100,
+    say) live in different spaces; the pack name, file name and content hash keep
+    them apart. Hashed once per file version (path, size, mtime).
+    """
+    path = pack.recognizer_path
+    st = path.stat()
+    digest = _file_digest(str(path), st.st_size, st.st_mtime_ns)
+    return f"{pack.spec.name}/{path.name}@{digest[:16]}"
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -10,6 +10,11 @@ One function per format, shared by ``idvault artifact export`` and the API's
                        ``load_lora_weights``; the frozen aux matrices are
                        regenerated at the base model's layer shapes, so the
                        base model's folder is needed
+``reactor``            a ReActor face model from the ``face`` artifact
+                       (:mod:`encoders.adapter_exports`)
+``ip_adapter_embeds``  IP-Adapter-FaceID Plus v2 inputs in diffusers'
+                       ``ip_adapter_image_embeds`` layout, from the ``faceid``
+                       artifact (:mod:`encoders.adapter_exports`)
 
 Every export decrypts through ``Vault.get_artifact`` with purpose ``share``:
 consent must grant it, and the read is audited.
@@ -23,7 +28,7 @@ from pathlib import Path
 from vault.errors import InvalidInput
 from vault.vault import Vault
 
-FORMATS = ("photomaker", "textual_inversion", "diffusers_lora")
+FORMATS = ("photomaker", "textual_inversion", "diffusers_lora", "reactor", "ip_adapter_embeds")
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,16 @@ def export(vault: Vault, handle: str, fmt: str, *, model_id: str | None = None,
             raise InvalidInput("a diffusers LoRA export needs the base model's folder (the LiDB "
                                "aux matrices are regenerated at its layer shapes)")
         return _diffusers_lora(vault, handle, model_id, base_model, actor)
+    if fmt == "reactor":
+        from encoders.adapter_exports import reactor_face_model
+
+        return Export(reactor_face_model(vault, handle, model_id=model_id, actor=actor),
+                      "reactor-face-model")
+    if fmt == "ip_adapter_embeds":
+        from encoders.adapter_exports import ip_adapter_embeds
+
+        return Export(ip_adapter_embeds(vault, handle, model_id=model_id, actor=actor),
+                      "ip-adapter-faceid-embeds")
     raise InvalidInput(f"no export format {fmt!r} (formats: {', '.join(FORMATS)})")
 
 

@@ -13,6 +13,13 @@ official files in their models folder ``DIR`` (``--models DIR``,
 - StoryMaker's CLIP ViT-H/14 tower: a ``from_pretrained`` folder named
   ``clip-vit-h-14``, ``CLIP-ViT-H-14-laion2B-s32B-b79K`` or ``image_encoder``
   (laion/CLIP-ViT-H-14-laion2B-s32B-b79K, or IP-Adapter's ``models/image_encoder``).
+- IP-Adapter-FaceID Plus v2 for SDXL: ``ip-adapter-faceid-plusv2_sdxl.bin`` (or the same
+  tensors as ``ip-adapter-faceid-plusv2_sdxl.safetensors``), h94/IP-Adapter-FaceID, also
+  looked for in ``DIR/IP-Adapter-FaceID``;
+- InstantID: ``ip-adapter.bin`` and the ``ControlNetModel`` folder (a diffusers
+  ``ControlNetModel``: ``config.json``, ``diffusion_pytorch_model.safetensors``) of
+  InstantX/InstantID; looked for in ``DIR/InstantID`` first, since other IP-Adapters'
+  files share the name ``ip-adapter.bin`` (the loader then names what a wrong file is).
 
 Each is looked for in ``DIR``, ``DIR/checkpoints`` and a folder named after
 its Hugging Face repository (``DIR/PhotoMaker``, ``DIR/PhotoMaker-V2``,
@@ -76,6 +83,12 @@ class CheckpointSpec:
     source: str
     description: str
     is_folder: bool = False
+    # A diffusers model folder (config.json with this _class_name, diffusion_pytorch_model.*)
+    # rather than a transformers CLIP folder.
+    diffusers_class: str | None = None
+    # Look in the repository folders before DIR and DIR/checkpoints: the file's name is
+    # shared with other models' files (InstantID's ip-adapter.bin).
+    repo_first: bool = False
 
 
 CHECKPOINTS: dict[str, CheckpointSpec] = {
@@ -91,12 +104,28 @@ CHECKPOINTS: dict[str, CheckpointSpec] = {
         CheckpointSpec("storymaker", ("mask.bin",), ("StoryMaker",),
                        "https://huggingface.co/RED-AIGC/StoryMaker",
                        "StoryMaker image_proj_model and ip_adapter"),
+        CheckpointSpec("faceid-plusv2-sdxl",
+                       ("ip-adapter-faceid-plusv2_sdxl.bin",
+                        "ip-adapter-faceid-plusv2_sdxl.safetensors"),
+                       ("IP-Adapter-FaceID",), "https://huggingface.co/h94/IP-Adapter-FaceID",
+                       "IP-Adapter-FaceID Plus v2 for SDXL (image projection, IP attention "
+                       "and its LoRA)"),
         CheckpointSpec("clip-vit-h-14",
                        ("clip-vit-h-14", "CLIP-ViT-H-14-laion2B-s32B-b79K", "image_encoder"),
                        ("StoryMaker",),
                        "https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                        "OpenCLIP ViT-H/14 vision tower (StoryMaker), a from_pretrained folder",
                        is_folder=True),
+        CheckpointSpec("instantid-ip-adapter", ("ip-adapter.bin",), ("InstantID",),
+                       "https://huggingface.co/InstantX/InstantID",
+                       "InstantID face adapter (image_proj Resampler and ip_adapter); its "
+                       "name is shared with other IP-Adapters, so DIR/InstantID comes first",
+                       repo_first=True),
+        CheckpointSpec("instantid-controlnet", ("ControlNetModel",), ("InstantID",),
+                       "https://huggingface.co/InstantX/InstantID",
+                       "InstantID IdentityNet, a diffusers ControlNetModel folder "
+                       "(config.json, diffusion_pytorch_model.safetensors)",
+                       is_folder=True, diffusers_class="ControlNetModel", repo_first=True),
     )
 }
 
@@ -112,6 +141,8 @@ def search_dirs(models_dir: Path | str | None, spec: CheckpointSpec,
     """Folders that may hold ``spec``'s file, most general first (see the module doc)."""
     root = resolve_models_dir(models_dir, env)
     dirs = [root, root / "checkpoints", *(root / d for d in spec.repo_dirs)]
+    if spec.repo_first:
+        dirs = [*(root / d for d in spec.repo_dirs), root, root / "checkpoints"]
     return list(dict.fromkeys(dirs))
 
 
@@ -139,13 +170,44 @@ def find_checkpoint(key: str, models_dir: Path | str | None = None,
     for directory in searched:
         for name in spec.names:
             path = directory / name
-            issue = folder_problem(path) if spec.is_folder else file_problem(path)
+            issue = (diffusers_folder_problem(path, spec.diffusers_class)
+                     if spec.diffusers_class else folder_problem(path) if spec.is_folder
+                     else file_problem(path))
             if issue is None:
                 return path
             if issue != "missing":
                 problems.append(f"{path}: {issue}")
     raise ModelUnavailable(missing_message(spec, searched, problems), checkpoint=key,
                            searched=[str(d) for d in searched], expected=list(spec.names))
+
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def diffusers_weights_files(folder: Path) -> list[Path]:
+    """The weights file of a diffusers model folder (safetensors first), or []."""
+    return [folder / n for n in DIFFUSERS_WEIGHTS if (folder / n).is_file()][:1]
+
+
+def diffusers_folder_problem(folder: Path, class_name: str) -> str | None:
+    """None when ``folder`` looks like a diffusers ``class_name`` folder, else what is wrong."""
+    if not folder.exists():
+        return "missing"
+    if not folder.is_dir():
+        return "not a folder"
+    try:
+        doc = json.loads((folder / "config.json").read_text())
+    except OSError:
+        return "no config.json (a diffusers model folder needs config.json and weights)"
+    except ValueError as exc:
+        return f"config.json is not readable JSON ({exc})"
+    kind = doc.get("_class_name") if isinstance(doc, dict) else None
+    if kind != class_name:
+        return f"config.json describes a {kind!r}, not a {class_name}"
+    files = diffusers_weights_files(folder)
+    if not files:
+        return f"no weights ({' or '.join(DIFFUSERS_WEIGHTS)})"
+    return file_problem(files[0])
 
 
 def missing_message(spec: CheckpointSpec, searched: Sequence[Path],
@@ -330,11 +392,13 @@ def inspect_id_checkpoints(models_dir: Path | str | None = None, *, hashes: bool
         except ModelUnavailable as exc:
             rows.append(CheckpointStatus(key, spec.description, None, str(exc)))
             continue
-        files = weights_files(path) if spec.is_folder else [path]
+        files = (diffusers_weights_files(path) if spec.diffusers_class
+                 else weights_files(path) if spec.is_folder else [path])
         size = sum(f.stat().st_size for f in files)
         digest = None
         if hashes:
-            digest = folder_digest(path) if spec.is_folder else file_digest(path)
+            digest = (file_digest(files[0]) if spec.diffusers_class
+                      else folder_digest(path) if spec.is_folder else file_digest(path))
         rows.append(CheckpointStatus(key, spec.description, path, None, size, digest))
     return rows
 

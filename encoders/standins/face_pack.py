@@ -2,7 +2,8 @@
 
 No face model weights exist on the machines idvault is developed and tested
 on, and the real packs may not be redistributed. This module writes a pack in
-the real layout (``det_10g.onnx`` + ``w600k_r50.onnx``) whose graphs have the
+the real layout (buffalo_l's ``det_10g.onnx`` + ``w600k_r50.onnx``, or
+antelopev2's ``scrfd_10g_bnkps.onnx`` + ``glintr100.onnx``) whose graphs have the
 real input/output names and shapes, so insightface's ``model_zoo`` classifies
 and runs them exactly as it does the real files, but whose weights are built
 by hand to respond to *drawn* synthetic faces (see
@@ -56,6 +57,7 @@ __all__ = [
     "DETECTOR_OUTPUTS",
     "RECOGNIZER_INPUT",
     "RECOGNIZER_OUTPUT",
+    "RECOGNIZER_SEEDS",
     "TinyDetectorConfig",
     "TinyRecognizerConfig",
     "SyntheticFace",
@@ -107,18 +109,27 @@ class TinyRecognizerConfig:
     norm_scale: float = 22.0
 
 
+# Each pack's stand-in recogniser projects with its own random matrix, so, as with the
+# real R50 (buffalo_l) and R100 (antelopev2), the two packs' embeddings of one face
+# differ: code that mixed them up would fail the tests. The detector is shared (the
+# real packs both detect with SCRFD-10G).
+RECOGNIZER_SEEDS = {"buffalo_l": TinyRecognizerConfig.seed, "antelopev2": 20240612}
+
+
 def write_tiny_face_pack(directory: Path, pack: str = "buffalo_l") -> Path:
     """Write the stand-in detector and recogniser under the pack's real file names.
 
     The files go straight into ``directory`` (one of the layouts
     :func:`encoders.face.pack.find_face_pack` accepts); returns ``directory``.
-    Deterministic: the same bytes every time.
+    Deterministic: the same bytes every time. Each pack gets its own recogniser
+    (:data:`RECOGNIZER_SEEDS`).
     """
     spec = pack_spec(pack)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     onnx.save(build_tiny_detector(), str(directory / spec.detector))
-    onnx.save(build_tiny_recognizer(), str(directory / spec.recognizer))
+    recognizer = TinyRecognizerConfig(seed=RECOGNIZER_SEEDS[spec.name])
+    onnx.save(build_tiny_recognizer(recognizer), str(directory / spec.recognizer))
     return directory
 
 

@@ -51,6 +51,8 @@ from __future__ import annotations
 
 from generators.methods.base import IdentityMethod
 from generators.methods.celeb_basis import CelebBasisMethod
+from generators.methods.faceid import FaceIDMethod
+from generators.methods.instantid import InstantIDMethod
 from generators.methods.lidb import LidbMethod
 from generators.methods.photomaker import PhotoMakerMethod
 from generators.methods.storymaker import StoryMakerMethod
@@ -60,9 +62,11 @@ __all__ = ["DEFAULT_PREFERENCE", "METHODS", "register_method"]
 
 METHODS: dict[str, type[IdentityMethod]] = {}
 # ``--method auto``: PhotoMaker first (its artifact pools every enrolled photo and it
-# needs no slot), StoryMaker for identities PhotoMaker cannot serve, then the fitted
-# methods (their artifacts exist only after an ``idvault personalize`` job).
-DEFAULT_PREFERENCE: tuple[str, ...] = ("photomaker", "storymaker", "celeb_basis", "lidb")
+# needs no slot), StoryMaker for identities PhotoMaker cannot serve, then the adapters
+# (FaceID, then InstantID, which also runs a ControlNet per step), then the fitted methods
+# (their artifacts exist only after an ``idvault personalize`` job).
+DEFAULT_PREFERENCE: tuple[str, ...] = ("photomaker", "storymaker", "faceid", "instantid",
+                                       "celeb_basis", "lidb")
 
 
 def register_method(cls: type[IdentityMethod]) -> type[IdentityMethod]:
@@ -73,5 +77,6 @@ def register_method(cls: type[IdentityMethod]) -> type[IdentityMethod]:
     return cls
 
 
-for _builtin in (PhotoMakerMethod, StoryMakerMethod, CelebBasisMethod, LidbMethod):
+for _builtin in (PhotoMakerMethod, StoryMakerMethod, FaceIDMethod, InstantIDMethod,
+                 CelebBasisMethod, LidbMethod):
     register_method(_builtin)

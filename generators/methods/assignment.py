@@ -1,11 +1,13 @@
 """Which identity method serves each identity of a prompt: the caller's choice, or
 ``auto`` (one method for everyone when one can, else per identity the first in the
 preference order that serves it and has room). Decided from metadata alone, before any
-weight is loaded or artifact decrypted."""
+weight is loaded or artifact decrypted. Methods mix freely in one image, image-token
+methods included (each is its own adapter in regional attention); each method's own
+limit (``max_identities``: StoryMaker's character slots) still holds."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from generators.methods import METHODS
 from generators.methods.base import IdentityMethod, IdentityRequest
@@ -14,13 +16,15 @@ from vault.errors import InvalidInput, ModelUnavailable
 __all__ = ["assign_methods", "check_method_choice"]
 
 
-def check_method_choice(method: str | Mapping[str, str], handles: Sequence[str]) -> None:
-    """The ``method`` argument names known methods, for identities the prompt mentions."""
+def check_method_choice(method: str | Mapping[str, str], handles: Sequence[str],
+                        known: Collection[str] = METHODS) -> None:
+    """The ``method`` argument names ``known`` methods (default: the registered ones),
+    for identities the prompt mentions."""
     names = [method] if isinstance(method, str) else list(dict(method).values())
-    unknown = sorted({n for n in names if n != "auto" and n not in METHODS})
+    unknown = sorted({n for n in names if n != "auto" and n not in known})
     if unknown:
         raise InvalidInput(f"unknown method {', '.join(unknown)}; methods: auto, "
-                           f"{', '.join(METHODS)}")
+                           f"{', '.join(known)}")
     if not isinstance(method, str):
         extra = sorted({k.lstrip("@") for k in method} - set(handles))
         if extra:
@@ -48,11 +52,7 @@ def assign_methods(methods: Mapping[str, IdentityMethod], requests: list[Identit
         r.method = wanted[r.index]
         groups.setdefault(r.method, []).append(r)
     for name, members in groups.items():
-        methods[name].select(members)
-    image_methods = [n for n in groups if methods[n].uses_image_tokens]
-    if len(image_methods) > 1:
-        raise InvalidInput(f"one image can use one image-token method, not "
-                           f"{', '.join(image_methods)}")
+        methods[name].select(members)  # refuses more identities than the method has room for
     return groups
 
 

@@ -47,7 +47,10 @@ class ImageTokens:
 
     ``positive``/``negative`` are ``(n, D)``; ``global_range`` is visible
     everywhere (StoryMaker's background block), ``ranges`` maps each handle
-    to its ``[start, stop)``.
+    to its ``[start, stop)``, both counted from the method's first token. The
+    pipeline appends every image-token method's block after the text, one after
+    another (:func:`generators.conditioning.join_image_tokens`), each an adapter
+    of its own in regional attention.
     """
 
     positive: torch.Tensor
@@ -139,7 +142,10 @@ class IdentityMethod(ABC):
         """After the chosen artifacts are decrypted, before any model work (may raise)."""
 
     def image_projections(self) -> dict[str, torch.Tensor] | None:
-        """Index-keyed ``to_k_ip``/``to_v_ip`` for regional attention (image-token methods)."""
+        """Index-keyed ``to_k_ip``/``to_v_ip`` for regional attention (image-token methods):
+        the method's adapter, weighted by ``settings.image_scale``. Regional attention
+        refers to these tensors (no copy) and checks them once per dict object, so return
+        the same dict while the weights are the same."""
         return None
 
     # -- conditioning ----------------------------------------------------------------------
@@ -174,3 +180,20 @@ class IdentityMethod(ABC):
                    scene: Scene) -> contextlib.AbstractContextManager:
         """Active while the UNet denoises."""
         return contextlib.nullcontext()
+
+    def unet_residuals(self, requests: Sequence[IdentityRequest], scene: Scene, *,
+                       sample: torch.Tensor, timestep: torch.Tensor,
+                       added_cond_kwargs: dict[str, torch.Tensor], cfg: bool,
+                       ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """Residuals to add to the UNet's skip connections at this step (a ControlNet's
+        ``down_block_res_samples`` and ``mid_block_res_sample``: InstantID's IdentityNet),
+        each already weighted by its identities' masks so it acts only in their regions;
+        None: none. Called once per denoising step with the UNet's own input: ``sample``
+        ``(rows, C, h, w)`` after ``scale_model_input`` (rows = [negative, positive] when
+        ``cfg``), ``added_cond_kwargs`` its ``text_embeds``/``time_ids``. The pipeline adds
+        the residuals of every method of the call."""
+        return None
+
+    def end_call(self) -> None:
+        """The call is over (also after an error): drop everything derived from the
+        decrypted artifacts (image tokens, keypoint images). Loaded weights stay."""

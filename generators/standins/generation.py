@@ -17,6 +17,10 @@
   non-zero), so the strict LoRA loading of :mod:`generators.lora` accepts them
   and a LoRA visibly changes the output. (The encoder stand-ins' own LoRAs
   cover a few full-size SDXL processors, which no tiny UNet has.)
+* ``InstantID/ip-adapter.bin`` and ``InstantID/ControlNetModel``: InstantID's files for
+  ``sdxl-tiny`` (:mod:`generators.standins.instantid`).
+* ``ip-adapter-faceid-plusv2_sdxl.bin``: IP-Adapter-FaceID Plus v2 for ``sdxl-tiny``
+  (:mod:`generators.standins.faceid`), listed in the stand-in sidecar.
 """
 
 from __future__ import annotations
@@ -120,4 +124,10 @@ def write_tiny_generation_models(models_dir: Path | str, *, seed: int = 0) -> di
     proj = {k: v.contiguous() for k, v in build_tiny_storymaker(seed + 2).state_dict().items()}
     torch.save({"image_proj_model": proj, "ip_adapter": tiny_ip_adapter_for(unet, seed=seed + 2)},
                paths["storymaker"])
+    from generators.standins.instantid import write_tiny_instantid
+
+    paths.update(write_tiny_instantid(root, unet, seed=seed + 3))
+    from generators.standins.faceid import write_tiny_faceid
+
+    paths["faceid-plusv2-sdxl"] = write_tiny_faceid(root, unet, seed=seed + 6)
     return paths

@@ -162,3 +162,17 @@ def test_mask_for_unknown_photo_refused(family, analyzer, id_models):
     with pytest.raises(InvalidInput, match="masks given for photos not enrolled: z.png"):
         enroller.enroll("smiths/ana", photos(1, 1), names=["a.png"], consent=consent(),
                         kinds=["face", "storymaker"], masks={"z.png": np.ones((4, 4))})
+
+
+def test_storymaker_and_faceid_share_one_clip_tower(family, analyzer, id_models,
+                                                    one_torch_thread):
+    enroller = Enroller(family, analyzer, id_models)
+    report = enroller.enroll("smiths/ana", photos(1, 2), consent=consent(),
+                             kinds=["face", "storymaker", "faceid"])
+    assert [a.kind for a in report.artifacts] == ["face", "storymaker", "faceid"]
+    tower = enroller.clip_tower()
+    assert enroller.encoder("storymaker").tower is tower
+    assert enroller.encoder("faceid").tower is tower
+    sm = family.get_artifact("smiths/ana", "storymaker").artifact
+    fi = family.get_artifact("smiths/ana", "faceid").artifact
+    assert sm.model_id.split("+clip@")[1] == fi.metadata["clip_model_id"].split("@")[1]

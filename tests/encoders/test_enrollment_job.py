@@ -95,3 +95,56 @@ def test_the_params_are_checked_before_anything_runs(queue) -> None:
                                  "staged": {"id": "0" * 32, "names": ["a"],
                                             "sha256": ["0" * 64]}})
     assert queue.kind("enroll").trusted_params  # never built by POST /v1/jobs
+
+
+@pytest.fixture
+def kinds_queue(family, tiny_pack_dir: Path, tmp_path: Path):
+    """A queue whose models folder holds buffalo_l and the antelopev2 pack (InstantID)."""
+    import shutil
+
+    from encoders.standins.face_pack import write_tiny_face_pack
+
+    shutil.copytree(tiny_pack_dir, tmp_path / "models" / "models" / "buffalo_l")
+    write_tiny_face_pack(tmp_path / "models" / "models" / "antelopev2", pack="antelopev2")
+    q = JobQueue(family, dispatch=lambda *job: q.sent.append(job))
+    q.models_dir, q.sent = tmp_path / "models", []
+    return q
+
+
+def test_kinds_are_routed_by_what_their_encoders_run_on(queue) -> None:
+    kind = queue.kind("enroll")
+    assert kind.queue_for({"kinds": ["face", "instantid"]}) == "cpu"  # ONNX only
+    assert kind.queue_for({"kinds": ["face", "faceid"]}) == "gpu"  # the CLIP ViT-H/14 tower
+    assert kind.queue_for({"kinds": ["instantid"], "mode": "add_kinds"}) == "cpu"
+
+
+def test_an_add_kinds_job_checks_its_photos_and_stores_with_its_result(kinds_queue) -> None:
+    from vault.errors import InvalidInput
+
+    job, _ = _submit(kinds_queue, "smiths/ana", 1)
+    assert _run(kinds_queue, job["id"])["status"] == "done"
+    face_before = kinds_queue.vault.get_artifact("smiths/ana", "face").id
+
+    def add(person: int) -> dict:
+        staged = staged_photos.stage(kinds_queue.vault, "smiths/ana", _photos(person, 1),
+                                     names=["x.png"], actor="test", purpose="enroll")
+        return kinds_queue.submit("smiths", enrollment_job.KIND, {
+            "handle": "smiths/ana", "staged": staged.to_json(), "kinds": ["instantid"],
+            "pick": None, "mode": "add_kinds", "replace": False}, identity="smiths/ana",
+            actor="test")
+
+    wrong = _run(kinds_queue, add(2)["id"])
+    assert wrong["status"] == "failed" and "does not look like smiths/ana" in wrong["error"]
+    done = _run(kinds_queue, add(1)["id"])
+    assert done["status"] == "done" and done["result"]["status"] == "added"
+    assert [a["kind"] for a in done["result"]["artifacts"]] == ["instantid"]
+    assert kinds_queue.sent[-1][2] == "cpu"
+    assert kinds_queue.vault.get_artifact("smiths/ana", "instantid").artifact.shapes[
+        "embeddings"] == [1, 512]
+    assert kinds_queue.vault.get_artifact("smiths/ana", "face").id == face_before
+    with pytest.raises(InvalidInput, match="'face' comes with enrollment"):
+        enrollment_job.validate({"handle": "smiths/ana", "mode": "add_kinds",
+                                 "kinds": ["face"], "staged": done["params"]["staged"]})
+    with pytest.raises(InvalidInput, match="goes with mode 'add_kinds'"):
+        enrollment_job.validate({"handle": "smiths/ana", "kinds": ["face"], "replace": True,
+                                 "staged": done["params"]["staged"]})

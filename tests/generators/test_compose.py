@@ -26,9 +26,12 @@ import torch.nn.functional as F
 
 from generators.compose import ComposePipeline
 from generators.layout import MaskConfig, grid_for_length, parse_layout
+from generators.methods.base import IdentityMethod, ImageTokens
 from generators.methods.photomaker import PhotoMakerSettings
+from generators.methods.storymaker import StoryMakerMethod, StoryMakerSettings
 from generators.prompt_tokens import tokenize_prompt
 from generators.provenance import verify_image
+from generators.regional_attention import ImageGroup
 from tests.helpers import consent
 from vault import audit, codec
 from vault.config import Settings
@@ -560,3 +563,332 @@ def test_replacing_a_artifact_changes_cross_attention_only_inside_a_mask(env, me
         change = (out1[1] - out0[1]).abs().amax(dim=-1)  # per query position
         assert (change[mask_a > 0] > 1e-6).all(), name
     assert grids == {(4, 8), (2, 4)}  # both SDXL cross-attention resolutions
+
+
+# -- several image-token methods, ControlNet residuals, end_call --------------------------------
+class SecondStoryMaker(StoryMakerMethod):
+    """A second image-token method, registered on test pipelines only: StoryMaker's artifacts
+    and projection model, but an adapter of its own (its projections halved, scale 0.5), no
+    background block (identity tokens only, gated by their masks, as IP-Adapter-FaceID) and
+    no LoRA."""
+
+    name = "storymaker_b"
+
+    def load(self, unet) -> None:
+        super().load(unet)
+        if not hasattr(self, "halved"):  # once: the same dict every call, as a real method's
+            self.halved = {k: v * 0.5 for k, v in super().image_projections().items()}
+
+    def loras(self):
+        return []
+
+    def image_projections(self):
+        return self.halved
+
+    def image_tokens(self, requests):
+        t = super().image_tokens(requests)
+        n = t.global_range[1]  # drop the bg block
+        return ImageTokens(t.positive[n:], t.negative[n:], None,
+                           {h: (a - n, b - n) for h, (a, b) in t.ranges.items()})
+
+
+def residual_shapes(unet, sample: torch.Tensor) -> tuple[list[tuple], tuple]:
+    """A ControlNet's ``down_block_res_samples`` / ``mid_block_res_sample`` shapes for this
+    UNet and input (conv_in, then per down block its resnets and downsampler)."""
+    rows, _, h, w = sample.shape
+    channels = unet.config.block_out_channels
+    down = [(rows, channels[0], h, w)]
+    for i, c in enumerate(channels):
+        down += [(rows, c, h, w)] * unet.config.layers_per_block
+        if i < len(channels) - 1:
+            h, w = (h + 1) // 2, (w + 1) // 2
+            down.append((rows, c, h, w))
+    return down, (rows, channels[-1], h, w)
+
+
+class Residuals(IdentityMethod):
+    """A test method with ControlNet residuals only (as InstantID's IdentityNet): random,
+    fixed per call and step, times its identities' masks; it records what it returned and
+    how often ``end_call`` ran. Uses the identity's PhotoMaker artifact (any will do)."""
+
+    name = "residuals_a"
+    artifact_kind = "photomaker"
+    seed = 100
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.returned: list[tuple] = []  # (sample, timestep, cfg, down, mid) per step
+        self.ended = 0
+        self.fail_prepare = False
+        self.step = 0  # of the current call
+
+    def problem(self, request):
+        return None if request.artifacts_of("photomaker") else "no photomaker artifact"
+
+    def select(self, requests) -> None:
+        for r in requests:
+            r.artifact = r.artifacts_of("photomaker")[0]
+
+    def load(self, unet) -> None:
+        self.unet = unet
+
+    def prepare(self, requests) -> None:
+        if self.fail_prepare:
+            raise InvalidInput("prepare failed on purpose")
+
+    def unet_residuals(self, requests, scene, *, sample, timestep, added_cond_kwargs, cfg):
+        g = torch.Generator().manual_seed(self.seed + self.step)
+        self.step += 1
+        down_shapes, mid_shape = residual_shapes(self.unet, sample)
+
+        def masked(shape):
+            h, w = shape[-2:]
+            mask = sum(scene.mask(r.handle, h * w, device=sample.device, dtype=sample.dtype)
+                       for r in requests).reshape(1, 1, h, w)
+            return torch.randn(shape, generator=g) * mask
+
+        down, mid = [masked(s) for s in down_shapes], masked(mid_shape)
+        self.returned.append((sample.clone(), timestep, cfg, down, mid))
+        return down, mid
+
+    def end_call(self) -> None:
+        self.ended += 1
+        self.step = 0
+
+
+class OtherResiduals(Residuals):
+    name = "residuals_b"
+    seed = 200
+
+
+@pytest.fixture(scope="module")
+def extra(env) -> ComposePipeline:
+    """A pipeline over the same components with the test methods added (to it only)."""
+    pipe = ComposePipeline(env.pipe.pipe, vault=env.vault, models_dir=env.models,
+                           base_model_id=env.pipe.base_model_id)
+    pipe.add_method(SecondStoryMaker, settings=StoryMakerSettings(image_scale=0.5))
+    pipe.add_method(Residuals)
+    pipe.add_method(OtherResiduals)
+    return pipe
+
+
+def test_test_methods_are_only_on_their_pipeline(env, extra) -> None:
+    from generators.methods import METHODS
+
+    assert {"storymaker_b", "residuals_a", "residuals_b"} <= set(extra.methods)
+    assert not {"storymaker_b", "residuals_a"} & (set(env.pipe.methods) | set(METHODS))
+    with pytest.raises(InvalidInput, match="unknown method residuals_a"):
+        env.pipe("@smiths/ana", steps=1, method="residuals_a")
+
+
+class _UNetRecorder:
+    """Per UNet call: its residual arguments, its output, and the output of the same UNet
+    (same processors, LoRAs, conditioning: inside the call) called by the test with
+    ``residuals(step)`` and without any."""
+
+    def __init__(self, unet, residuals=None) -> None:
+        self.calls: list[dict] = []
+        self._inside = False
+        self._residuals = residuals
+        self._h = unet.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output):
+        if self._inside:
+            return
+        rec = {k: kwargs.get(k) for k in ("down_block_additional_residuals",
+                                          "mid_block_additional_residual")}
+        rec["sample"], rec["out"] = args[0], output[0].detach().clone()
+        if self._residuals is not None:
+            plain = {k: v for k, v in kwargs.items() if k not in rec}
+            down, mid = self._residuals(len(self.calls))
+            self._inside = True
+            try:
+                rec["replay"] = module(*args, **plain, down_block_additional_residuals=down,
+                                       mid_block_additional_residual=mid)[0]
+                rec["plain"] = module(*args, **plain)[0]
+            finally:
+                self._inside = False
+        self.calls.append(rec)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._h.remove()
+
+
+def test_residuals_of_every_method_are_summed_into_the_unet_call(env, extra) -> None:
+    a, b = extra.methods["residuals_a"], extra.methods["residuals_b"]
+    a.returned.clear(), b.returned.clear()
+    ended = a.ended, b.ended
+
+    def summed(k):  # what the test expects the UNet to get at step k
+        return ([x + y for x, y in zip(a.returned[k][3], b.returned[k][3], strict=True)],
+                a.returned[k][4] + b.returned[k][4])
+
+    halves = HALVES
+    with _UNetRecorder(extra.pipe.unet, summed) as rec:
+        extra("@smiths/ana and @smiths/ben in a park", seed=3, steps=2, size=(128, 64),
+              layout=halves, method={"smiths/ana": "residuals_a", "smiths/ben": "residuals_b"})
+    assert len(rec.calls) == len(a.returned) == len(b.returned) == 2
+    for k, call in enumerate(rec.calls):
+        down, mid = summed(k)
+        assert len(call["down_block_additional_residuals"]) == len(down) == 9
+        assert all(torch.equal(got, want) for got, want in
+                   zip(call["down_block_additional_residuals"], down, strict=True))
+        assert torch.equal(call["mid_block_additional_residual"], mid)
+        # Each method saw the UNet's own input: scaled latents, [negative, positive] rows.
+        for m in (a, b):
+            sample, timestep, cfg, _, _ = m.returned[k]
+            assert torch.equal(sample, call["sample"]) and cfg is True
+            assert sample.shape == (2, 4, 8, 16)
+        assert torch.equal(call["out"], call["replay"])  # = the UNet with these residuals
+        assert (call["out"] - call["plain"]).abs().max() > 1e-4  # and they matter
+        # Masked by the test methods: ana's residuals are zero in the right half.
+        assert (a.returned[k][3][0][..., 8:] == 0).all() and a.returned[k][3][0][..., :8].any()
+    assert (a.ended, b.ended) == (ended[0] + 1, ended[1] + 1)
+
+    # No method with residuals: the UNet is called exactly as before, without them.
+    with _UNetRecorder(extra.pipe.unet) as rec:
+        extra("@smiths/ana and @smiths/ben", seed=3, steps=1,
+              method={"smiths/ana": "photomaker", "smiths/ben": "storymaker_b"})
+    assert rec.calls[0]["down_block_additional_residuals"] is None
+    assert rec.calls[0]["mid_block_additional_residual"] is None
+
+
+def test_end_call_runs_after_every_call_also_on_error(env, extra) -> None:
+    a, b = extra.methods["residuals_a"], extra.methods["residuals_b"]
+    how = {"smiths/ana": "residuals_a", "smiths/ben": "residuals_b"}
+    unet = extra.pipe.unet
+    processors = dict(unet.attn_processors)
+
+    def boom(done, total):
+        raise RuntimeError("interrupted")
+
+    ended = a.ended, b.ended
+    with pytest.raises(RuntimeError, match="interrupted"):  # in the denoising loop
+        extra("@smiths/ana and @smiths/ben", seed=1, steps=2, method=how, progress=boom)
+    assert (a.ended, b.ended) == (ended[0] + 1, ended[1] + 1)
+    a.fail_prepare = True
+    try:  # after decryption, before any UNet work
+        with UNetCalls(unet) as calls, pytest.raises(InvalidInput, match="on purpose"):
+            extra("@smiths/ana and @smiths/ben", seed=1, steps=2, method=how)
+    finally:
+        a.fail_prepare = False
+    assert calls.calls == []
+    assert (a.ended, b.ended) == (ended[0] + 2, ended[1] + 2)
+    with pytest.raises(InvalidInput, match="seed"):  # before any method is chosen: none runs
+        extra("@smiths/ana and @smiths/ben", seed=-1, steps=2, method=how)
+    assert (a.ended, b.ended) == (ended[0] + 2, ended[1] + 2)
+    extra("@smiths/ana", seed=1, steps=1, method="residuals_a")  # ben's method is not used
+    assert (a.ended, b.ended) == (ended[0] + 3, ended[1] + 2)
+    assert all(unet.attn_processors[n] is p for n, p in processors.items())
+
+
+def test_two_image_token_methods_in_one_image(env, extra) -> None:
+    """StoryMaker and a second image-token adapter in one call: the sequence is each
+    method's block, unchanged, one after the other; each adapter has its projections (the
+    method's own tensors, loaded once) and scale."""
+    prompt = "@smiths/ana:girl and @smiths/ben:man by the sea"
+
+    def run(how):
+        groups = []
+        regional = extra._regional_attention()
+        hook = extra.pipe.unet.register_forward_pre_hook(
+            lambda m, args: groups.append(regional.conditioning.image_groups))
+        try:
+            with UNetCalls(extra.pipe.unet) as calls:
+                result = extra(prompt, seed=2, steps=1, size=(128, 64), layout=HALVES,
+                               method=how)
+        finally:
+            hook.remove()
+        return result, calls.calls[0]["ehs"], groups[0]
+
+    result, ehs, groups = run({"smiths/ana": "storymaker", "smiths/ben": "storymaker_b"})
+    assert result.methods == {"smiths/ana": "storymaker", "smiths/ben": "storymaker_b"}
+    assert ehs.shape == (2, 77 + 40 + 20, 2048)  # [bg, ana] | [ben]
+    assert groups == (ImageGroup("storymaker", (0, 40), (0, 20)),
+                      ImageGroup("storymaker_b", (40, 60), None))
+    _, alone_a, _ = run({"smiths/ana": "storymaker", "smiths/ben": "photomaker"})
+    _, alone_b, _ = run({"smiths/ana": "photomaker", "smiths/ben": "storymaker_b"})
+    assert torch.equal(ehs[:, 77:117], alone_a[:, 77:])  # both rows: negative and positive
+    assert torch.equal(ehs[:, 117:], alone_b[:, 77:])
+    assert not torch.equal(ehs[:, 117:], alone_a[:, 97:])  # another adapter's bg-less tokens
+
+    regional = extra._regional_attention()
+    assert {"storymaker", "storymaker_b"} <= set(regional.adapters)
+    assert regional.state.scales["storymaker"] == 0.8
+    assert regional.state.scales["storymaker_b"] == 0.5
+    params = {n: list(p.parameters()) for n, p in regional.processors.items()}
+    for name in ("storymaker", "storymaker_b"):  # one copy of each adapter's projections
+        own = extra.methods[name].image_projections()
+        assert all(t.data_ptr() == own[k].data_ptr()
+                   for k, t in regional.image_projection_state_dict(name).items())
+    run({"smiths/ana": "storymaker", "smiths/ben": "storymaker_b"})
+    assert all(a is b for n, p in regional.processors.items()
+               for a, b in zip(p.parameters(), params[n], strict=True))  # not reloaded
+
+
+@pytest.mark.parametrize("replaced", ["storymaker", "storymaker_b"])
+def test_two_image_token_methods_stay_in_their_regions(env, extra, replaced) -> None:
+    tag = replaced.replace("_", "-")  # handles take no '_'
+    a, b = f"smiths/ma-{tag}", f"smiths/mb-{tag}"
+    env.person(a)
+    env.person(b)
+    how = {a: "storymaker", b: "storymaker_b"}
+    target = a if replaced == "storymaker" else b
+    prompt = f"@{a}:girl and @{b}:man by the sea"
+    halves = HALVES.replace("ana", a).replace("ben", b)
+    before = _cross_attention_run(extra, prompt, how, halves, None)
+    env.replace(target)
+    after = _cross_attention_run(extra, prompt, how, halves, before)
+    layout = parse_layout(halves, [a, b])
+    for name, rec in before.items():
+        out0, out1 = rec["out"], after[name]["out"]
+        _, h, w = grid_for_length((8, 16), out0.shape[1])
+        mask = torch.from_numpy(layout.mask_grid(target, h, w, MaskConfig(0.05)))
+        torch.testing.assert_close(out1[:, mask == 0], out0[:, mask == 0], atol=1e-6, rtol=0,
+                                   msg=name)
+        torch.testing.assert_close(out1[0], out0[0], atol=1e-6, rtol=0)  # negative row
+        assert ((out1[1] - out0[1]).abs().amax(dim=-1)[mask > 0] > 1e-6).all(), name
+
+
+def test_join_image_tokens_shifts_each_methods_ranges() -> None:
+    from generators.conditioning import join_image_tokens
+
+    g = torch.Generator().manual_seed(0)
+
+    def tokens(n, global_range, ranges):
+        return ImageTokens(torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g),
+                           global_range, ranges)
+
+    story = tokens(6, (0, 2), {"x/a": (2, 4), "x/b": (4, 6)})
+    face = tokens(3, None, {"x/c": (0, 3)})
+    assert join_image_tokens([]) is None
+    one = join_image_tokens([("story", story)])
+    assert one.positive is story.positive and one.negative is story.negative
+    both = join_image_tokens([("story", story), ("face", face)])
+    assert both.groups == (ImageGroup("story", (0, 6), (0, 2)), ImageGroup("face", (6, 9)))
+    assert both.ranges == {"x/a": (2, 4), "x/b": (4, 6), "x/c": (6, 9)}
+    assert torch.equal(both.positive, torch.cat([story.positive, face.positive]))
+    assert torch.equal(both.negative, torch.cat([story.negative, face.negative]))
+    with pytest.raises(InvalidInput, match="two methods"):
+        join_image_tokens([("story", story), ("again", story)])
+    narrow = ImageTokens(torch.zeros(3, 4), torch.zeros(3, 4), None, {"x/d": (0, 3)})
+    with pytest.raises(InvalidInput, match="face: image tokens \\(3, 4\\)"):
+        join_image_tokens([("story", story), ("face", narrow)])
+
+
+def test_compose_config_carries_every_builtin_methods_settings(env) -> None:
+    """Each built-in method takes its settings from the ComposeConfig field of its name."""
+    from generators.compose import ComposeConfig
+    from generators.methods.faceid import FaceIDSettings
+    from generators.methods.instantid import InstantIDSettings
+
+    config = ComposeConfig(faceid=FaceIDSettings(image_scale=0.5, s_scale=0.3),
+                           instantid=InstantIDSettings(ip_adapter_scale=0.6,
+                                                       controlnet_conditioning_scale=0.4))
+    pipe = ComposePipeline(env.pipe.pipe, vault=env.vault, models_dir=env.models, config=config)
+    assert pipe.methods["faceid"].settings == config.faceid
+    assert pipe.methods["instantid"].settings == config.instantid
+    assert env.pipe.methods["faceid"].settings == FaceIDSettings()

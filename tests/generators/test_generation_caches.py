@@ -194,3 +194,37 @@ def test_prompt_encodings_are_not_reused_after_the_text_encoders_change(env, unc
             weight.copy_(saved)
     assert not torch.equal(edited[0]["ehs"], base[0]["ehs"])
     assert torch.equal(edited[0]["ehs"], want[0]["ehs"])
+
+
+def test_several_adapters_keep_only_weights_between_calls(env) -> None:
+    """With two image-token adapters and ControlNet residuals in a call, regional attention
+    keeps only the adapters' projections afterwards (no conditioning, no projected image
+    tokens), every method's end_call has run, and a replaced artifact of the second adapter
+    is used at once and equals a pipeline that never ran before."""
+    from generators.methods.storymaker import StoryMakerSettings
+    from tests.generators.test_compose import OtherResiduals, SecondStoryMaker
+
+    def pipeline() -> ComposePipeline:
+        p = ComposePipeline(env.pipe.pipe, vault=env.vault, models_dir=env.models,
+                            base_model_id=env.pipe.base_model_id)
+        p.add_method(SecondStoryMaker, settings=StoryMakerSettings(image_scale=0.5))
+        p.add_method(OtherResiduals)
+        return p
+
+    pipe = pipeline()
+    handle = env.person("smiths/uma")
+    prompt = "@smiths/ana:girl, @smiths/uma:woman and @smiths/ben:man at a fair"
+    how = {"smiths/ana": "storymaker", "smiths/uma": "storymaker_b",
+           "smiths/ben": "residuals_b"}
+    _, old = _run(pipe, prompt, method=how, size=(192, 64))
+    regional = pipe._regional_attention()
+    assert set(regional.adapters) == {"storymaker", "storymaker_b"}
+    assert regional.conditioning is None and not regional.state.image_kv
+    assert not regional.installed
+    assert pipe.methods["residuals_b"].ended == 1
+    env.replace(handle)  # new StoryMaker tokens for the second adapter's identity
+    _, new = _run(pipe, prompt, method=how, size=(192, 64))
+    _, want = _run(pipeline(), prompt, method=how, size=(192, 64))
+    assert not torch.equal(new[-1]["ehs"], old[-1]["ehs"])
+    for got, ref in zip(new, want, strict=True):
+        assert torch.equal(got["ehs"], ref["ehs"]) and torch.equal(got["out"], ref["out"])

@@ -15,7 +15,9 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from generators.layout import Box, Layout, MaskConfig, auto_layout
 from generators.regional_attention import (
+    DEFAULT_ADAPTER,
     IdentityTokens,
+    ImageGroup,
     RegionalAttention,
     RegionalConditioning,
     RegionalConfig,
@@ -350,7 +352,9 @@ def test_image_projections_survive_reinstall_and_load_strictly(unet) -> None:
     new = {k: torch.full_like(v, 0.5) for k, v in sd.items()}
     ra.load_image_projections({**new, "1.to_q_lora.down.weight": torch.zeros(2)})  # LoRA skipped
     with ra:
-        assert any(k.endswith("attn2.processor.to_k_ip.weight") for k in unet.state_dict())
+        # Under the adapter's name (DEFAULT_ADAPTER for image_tokens=True).
+        assert any(k.endswith("attn2.processor.adapters.default.to_k_ip.weight")
+                   for k in unet.state_dict())
     with ra:
         assert (ra.processors[order[indices[0]]].to_k_ip.weight == 0.5).all()
     first = f"{indices[0]}.to_k_ip.weight"
@@ -417,6 +421,253 @@ def test_pipeline_runs_with_regional_attention_and_is_reusable() -> None:
     assert regional_image.shape == base.shape == (1, 64, 128, 3)
     assert abs(regional_image - base).max() > 1e-4
     assert (generate() == base).all()  # removed: the pipeline is as before
+
+
+# -- several image-token adapters ---------------------------------------------------------------
+# Adapter "story" (StoryMaker style): a bg block and A's tokens; adapter "face" (IP-Adapter
+# style): B's tokens, no global block. One sequence: 77 text + [bg, A | B].
+S_BG, S_A, F_B = (0, 3), (3, 7), (7, 11)
+STORY, FACE = ImageGroup("story", (0, 7), S_BG), ImageGroup("face", (7, 11))
+OVERLAP = Layout((A, B), (Box(0, 0, 0.75, 1), Box(0.25, 0, 1, 1)))
+
+
+@pytest.fixture(scope="module")
+def adapters(unet):
+    """One RegionalAttention with two adapters: different random projections and scales."""
+    ra = RegionalAttention(unet)
+    g = torch.Generator().manual_seed(11)
+    shapes = RegionalAttention(unet, image_tokens=True).image_projection_state_dict()
+    weights = {}
+    for name, scale in (("story", 0.8), ("face", 0.6)):
+        weights[name] = {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in shapes.items()}
+        ra.load_image_projections(weights[name], adapter=name, scale=scale)
+    return ra, weights
+
+
+def _mixed(layout=HALVES, text=True) -> RegionalConditioning:
+    ids = (IdentityTokens(A, A_TEXT if text else (), S_A),
+           IdentityTokens(B, B_TEXT if text else (), F_B))
+    return RegionalConditioning(layout, LATENT, ids, num_image_tokens=11,
+                                image_groups=(STORY, FACE))
+
+
+def test_two_full_frame_adapters_equal_the_multi_adapter_formula(unet, adapters) -> None:
+    """Every mask full frame: ``text + 0.8 * SDPA(q, K_story, V_story) + 0.6 * SDPA(q, K_face,
+    V_face)``, each adapter with its own weights and softmax (diffusers' multi-IP-Adapter
+    ``IPAdapterAttnProcessor2_0``, here written out from the loaded tensors)."""
+    ra, weights = adapters
+    full = Layout((A, B), (Box(0, 0, 1, 1), Box(0, 0, 1, 1)))
+    ra.conditioning = _mixed(full, text=False)
+    for name in (FIRST_ATTN2, "up_blocks.0.attentions.0.transformer_blocks.1.attn2"):
+        attn = _attn(unet, name)
+        index = ra.order.index(name + ".processor")
+        hidden, ehs = _hidden(attn, 32 if name == FIRST_ATTN2 else 8), _ehs(11)
+        b, heads = hidden.shape[0], attn.heads
+
+        def split(x):  # (b, n, inner) -> (b, heads, n, d)
+            return x.view(b, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+        with torch.no_grad():
+            got = _run(ra.processors[name + ".processor"], attn, hidden, ehs)
+            q = split(attn.to_q(hidden))
+            out = F.scaled_dot_product_attention(q, split(attn.to_k(ehs[:, :77])),
+                                                 split(attn.to_v(ehs[:, :77])))
+            for adapter, scale, (start, stop) in (("story", 0.8, (77, 84)),
+                                                  ("face", 0.6, (84, 88))):
+                w = weights[adapter]
+                img = ehs[:, start:stop]
+                out = out + scale * F.scaled_dot_product_attention(
+                    q, split(F.linear(img, w[f"{index}.to_k_ip.weight"])),
+                    split(F.linear(img, w[f"{index}.to_v_ip.weight"])))
+            want = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(b, -1, out.shape[1]
+                                                                              * out.shape[-1])))
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=name)
+
+
+def test_two_adapters_are_the_sum_of_each_alone(unet, adapters) -> None:
+    """``to_out(text + s_story * story + s_face * gate_face * face)``: equal to the two
+    single-adapter outputs minus the text-only one (``to_out`` is affine)."""
+    ra, _ = adapters
+    attn = _attn(unet)
+    proc = ra.processors[FIRST_ATTN2 + ".processor"]
+    hidden, ehs = _hidden(attn, 32), _ehs(11)
+    for layout in (HALVES, OVERLAP):
+        text_ids = (IdentityTokens(A, A_TEXT), IdentityTokens(B, B_TEXT))
+        ra.conditioning = _mixed(layout)
+        both = _run(proc, attn, hidden, ehs)
+        ra.conditioning = RegionalConditioning(  # the story adapter alone: 77 + 7 tokens
+            layout, LATENT, (IdentityTokens(A, A_TEXT, S_A), text_ids[1]), num_image_tokens=7,
+            image_groups=(STORY,))
+        story = _run(proc, attn, hidden, ehs[:, :84])
+        ra.conditioning = RegionalConditioning(  # the face adapter alone: 77 + 4 tokens
+            layout, LATENT, (text_ids[0], IdentityTokens(B, B_TEXT, (0, 4))), num_image_tokens=4,
+            image_groups=(ImageGroup("face", (0, 4)),))
+        face = _run(proc, attn, hidden, torch.cat([ehs[:, :77], ehs[:, 84:]], 1))
+        ra.conditioning = RegionalConditioning(layout, LATENT, text_ids)
+        text_only = _run(proc, attn, hidden, ehs[:, :77])
+        # Different sums of the same O(1) float32 terms: a few ulps apart.
+        torch.testing.assert_close(both, story + face - text_only, atol=1e-5, rtol=0)
+        assert (story - text_only).abs().max() > 1e-3 and (face - text_only).abs().max() > 1e-3
+    # The face adapter has no global tokens: outside B's mask its branch is gated off, so
+    # there the output is the story adapter's alone (HALVES: B covers the right half).
+    ra.conditioning = _mixed(HALVES)
+    both = _run(proc, attn, hidden, ehs)
+    ra.conditioning = RegionalConditioning(
+        HALVES, LATENT, (IdentityTokens(A, A_TEXT, S_A), IdentityTokens(B, B_TEXT)),
+        num_image_tokens=7, image_groups=(STORY,))
+    story = _run(proc, attn, hidden, ehs[:, :84])
+    outside_b = torch.from_numpy(_mixed(HALVES).masks_for(32)[B] == 0)
+    torch.testing.assert_close(both[:, outside_b], story[:, outside_b], atol=1e-6, rtol=0)
+
+
+def test_each_adapters_identity_is_local_and_leaves_the_other_adapter_alone(
+        unet, adapters) -> None:
+    ra, _ = adapters
+    attn = _attn(unet)
+    proc = ra.processors[FIRST_ATTN2 + ".processor"]
+    hidden, ehs = _hidden(attn, 32), _ehs(11)
+    for layout in (HALVES, OVERLAP):
+        cond = _mixed(layout, text=False)
+        ra.conditioning = cond
+        before = _run(proc, attn, hidden, ehs)
+        masks = cond.masks_for(32)
+        for name, tokens in ((A, S_A), (B, F_B)):
+            after = _run(proc, attn, hidden, _replace(ehs, [77 + i for i in range(*tokens)]))
+            inside = torch.from_numpy(masks[name] > 0)
+            assert 0 < inside.sum() < 32
+            torch.testing.assert_close(after[:, ~inside], before[:, ~inside], atol=1e-6, rtol=0)
+            assert ((after - before).abs().amax((0, 2))[inside] > 1e-5).all(), name
+    # Where both masks cover a pixel, B's tokens still do not enter the story adapter's
+    # softmax (one joint softmax would renormalise A's weights there): with the face
+    # adapter's scale at 0, replacing B's tokens changes nothing, bit for bit.
+    ra.conditioning = _mixed(OVERLAP, text=False)
+    ra.set_scale("face", 0.0)
+    try:
+        before = _run(proc, attn, hidden, ehs)
+        after = _run(proc, attn, hidden, _replace(ehs, [77 + i for i in range(*F_B)]))
+    finally:
+        ra.set_scale("face", 0.6)
+    assert torch.equal(after, before)
+
+
+def test_adapter_weights_are_the_loaded_tensors_and_survive_install_cycles(
+        unet, adapters) -> None:
+    ra, weights = adapters
+    latents, added = _unet_inputs()
+    ehs = _ehs(11)
+    original = dict(unet.attn_processors)
+    with torch.no_grad():
+        base = unet(latents, 500, encoder_hidden_states=ehs[:, :77],
+                    added_cond_kwargs=added).sample
+    assert ra.adapters == ("story", "face")
+    assert ra.state.scales == {DEFAULT_ADAPTER: 1.0, "story": 0.8, "face": 0.6}
+    for name in ra.adapters:  # one copy: the processors refer to the loaded tensors
+        for key, t in ra.image_projection_state_dict(name).items():
+            assert t.data_ptr() == weights[name][key].data_ptr(), key
+    params = {n: list(p.parameters()) for n, p in ra.processors.items()}
+    for _ in range(2):
+        with ra, torch.no_grad():
+            keys = [k for k in unet.state_dict() if "_ip." in k]
+            assert len(keys) == 2 * 2 * len(ra.processors)  # k and v, two adapters
+            assert {k.split(".adapters.")[1].split(".")[0] for k in keys} == {"story", "face"}
+            ra.conditioning = _mixed()
+            out = unet(latents, 500, encoder_hidden_states=ehs, added_cond_kwargs=added).sample
+            assert (out - base).abs().max() > 1e-4
+            assert ra.state.image_kv  # the image tokens' projections of this installation
+        assert all(unet.attn_processors[n] is p for n, p in original.items())
+        assert not any("_ip." in k for k in unet.state_dict())
+        assert ra.conditioning is None and not ra.state.image_kv
+        with torch.no_grad():
+            after = unet(latents, 500, encoder_hidden_states=ehs[:, :77],
+                         added_cond_kwargs=added).sample
+        assert torch.equal(after, base)
+        assert all(a is b for n, p in ra.processors.items()
+                   for a, b in zip(p.parameters(), params[n], strict=True))
+    # Loading an adapter again replaces its tensors (still by reference), strictly.
+    new = {k: v * 2 for k, v in weights["face"].items()}
+    ra.load_image_projections(new, adapter="face")
+    try:
+        assert ra.state.scales["face"] == 0.6  # kept
+        assert all(t.data_ptr() == new[k].data_ptr()
+                   for k, t in ra.image_projection_state_dict("face").items())
+        first = next(iter(new))
+        with pytest.raises(InvalidInput, match=f"projections of face do not fit.*missing key "
+                                               f"{first}"):
+            ra.load_image_projections({k: v for k, v in new.items() if k != first},
+                                      adapter="face")
+    finally:
+        ra.load_image_projections(weights["face"], adapter="face")
+    with pytest.raises(InvalidInput, match="without dots"):
+        ra.load_image_projections(new, adapter="a.b")
+    with pytest.raises(InvalidInput, match="no image projections are loaded for adapter"):
+        ra.image_projection_state_dict("instantid")
+
+
+def test_full_size_sdxl_holds_one_copy_of_each_adapters_projections() -> None:
+    """On the full SDXL UNet (meta device, from base_models.json): two adapters loaded from
+    StoryMaker's manifest layout each hold exactly the 140 given tensors (70 cross-attention
+    layers; 340,787,200 parameters, 0.68 GB in float16), no copies."""
+    from diffusers import UNet2DConditionModel
+
+    from tests.generators.test_lora_loading import _manifest
+
+    with torch.device("meta"):
+        full = UNet2DConditionModel(**_manifest("base_models.json")["sdxl_unet_config"])
+    ra = RegionalAttention(full)
+    assert len(ra.processors) == 70 and ra.adapters == ()
+    shapes = {k: tuple(v) for k, v in _manifest("storymaker_ip_adapter.json")["tensors"].items()}
+    loaded = {}
+    for name in ("storymaker", "faceid"):
+        loaded[name] = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+        ra.load_image_projections(loaded[name], adapter=name)  # LoRA keys skipped
+    assert ra.adapters == ("storymaker", "faceid")
+    for name, given in loaded.items():
+        held = ra.image_projection_state_dict(name)
+        assert set(held) == {k for k in shapes if "_ip." in k} and len(held) == 140
+        assert sum(t.numel() for t in held.values()) == 340_787_200
+        assert all(t.untyped_storage()._cdata == given[k].untyped_storage()._cdata
+                   for k, t in held.items())  # the given tensors' storage
+    params = [p for proc in ra.processors.values() for p in proc.parameters()]
+    assert len(params) == 2 * 140  # nothing else is held
+
+
+def test_an_adapter_without_projections_is_refused(unet, adapters) -> None:
+    ra, _ = adapters
+    attn = _attn(unet)
+    ra.conditioning = RegionalConditioning(
+        HALVES, LATENT, (IdentityTokens(A, (), (0, 4)), IdentityTokens(B)), num_image_tokens=4,
+        image_groups=(ImageGroup("instantid", (0, 4)),))
+    with pytest.raises(InvalidInput, match="adapter 'instantid'.*no image projections"):
+        _run(ra.processors[FIRST_ATTN2 + ".processor"], attn, _hidden(attn, 32), _ehs(4))
+
+
+@pytest.mark.parametrize("groups, ids, extra, message", [
+    ((ImageGroup("a", (0, 4)), ImageGroup("a", (4, 8))), ((0, 4), (4, 8)), {},
+     "one image group"),
+    ((ImageGroup("a", (0, 5)), ImageGroup("b", (4, 8))), ((0, 4), (5, 8)), {},
+     "exactly once"),
+    ((ImageGroup("a", (0, 3)), ImageGroup("b", (4, 8))), ((0, 3), (4, 8)), {}, "exactly once"),
+    ((ImageGroup("a", (0, 4), (3, 5)), ImageGroup("b", (4, 8))), ((0, 3), (5, 8)), {},
+     "not inside its group"),
+    ((ImageGroup("a", (0, 4)), ImageGroup("b", (4, 8))), ((0, 2), (2, 8)), {},
+     "not inside one adapter's group"),
+    ((ImageGroup("a", (0, 4)), ImageGroup("b", (4, 8))), ((0, 4), (4, 8)),
+     {"global_image_tokens": (0, 1)}, "given per group"),
+    ((ImageGroup("a", (0, 4)), ImageGroup("b", (4, 9))), ((0, 4), (4, 8)), {}, "not inside"),
+])
+def test_image_group_validation(groups, ids, extra, message) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        RegionalConditioning(HALVES, LATENT, (IdentityTokens(A, (), ids[0]),
+                                              IdentityTokens(B, (), ids[1])),
+                             num_image_tokens=8, image_groups=groups, **extra)
+
+
+def test_without_groups_the_image_tokens_are_one_default_group() -> None:
+    cond = _two(text=False, image=True)
+    assert cond.groups == (ImageGroup(DEFAULT_ADAPTER, (0, 11), BG),)
+    assert RegionalConditioning(HALVES, LATENT, ()).groups == ()
+    with pytest.raises(InvalidInput, match="without dots"):
+        ImageGroup("", (0, 1))
 
 
 # -- validation -----------------------------------------------------------------------------

@@ -23,6 +23,16 @@ def _valid(kind):
                        {"model_id": "pm-v2", "version": "v2"}),
         "storymaker": ({"tokens": rng.normal(size=(20, 2048))},
                        {"model_id": "sm", "crop": "mask"}),
+        "faceid": ({"normed": unit(rng.normal(size=(2, 512))),
+                    "clip_embeds": rng.normal(size=(2, 257, 1280)),
+                    "clip_negative": rng.normal(size=(257, 1280))},
+                   {"model_id": "clip@a+buffalo_l@b", "face_model_id": "buffalo_l@b",
+                    "clip_model_id": "clip@a"}),
+        "instantid": ({"embeddings": rng.normal(size=(3, 512)) * 20,
+                       "kps": rng.uniform(0, 512, size=(5, 2)),
+                       "bbox": np.array([10.0, 20.0, 300.0, 380.0]),
+                       "image_size": np.array([512.0, 512.0])},
+                      {"model_id": "antelopev2/glintr100.onnx@c"}),
         "celeb_basis": ({"coefficients": rng.normal(size=(2, 512))},
                         {"model_id": "sd15", "basis_id": "abc"}),
         "lidb": ({"down_train": rng.normal(size=(176, 1, 100)),
@@ -39,6 +49,17 @@ def test_every_kind_round_trips(kind):
     assert decoded.kind == kind and decoded.model_id == meta["model_id"]
     for name, value in tensors.items():
         np.testing.assert_array_equal(decoded.tensors[name], value)
+
+
+def test_faceid_photo_limit_and_clip_dims_agree():
+    tensors, meta = _valid("faceid")
+    too_many = {**tensors, "normed": unit(np.ones((5, 512))),
+                "clip_embeds": np.zeros((5, 257, 1280))}
+    with pytest.raises(ArtifactRejected, match="photos"):
+        codec.encode("faceid", {k: v.astype(np.float32) for k, v in too_many.items()}, meta)
+    mismatched = {**tensors, "clip_negative": np.zeros((256, 1280))}
+    with pytest.raises(ArtifactRejected, match="positions"):
+        codec.encode("faceid", {k: v.astype(np.float32) for k, v in mismatched.items()}, meta)
 
 
 def test_pickle_and_zip_refused():

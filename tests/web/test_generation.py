@@ -292,3 +292,54 @@ def test_the_generation_page(gen_web):
     assert "cannot" not in page and "can see the gallery but not generate" in page
     assert f'src="/v1/jobs/{job_id}/image"' in page
     assert v.post("/generate", data={"csrf_token": v.csrf, "prompt": "x"}).status_code == 403
+
+
+def test_four_identities_with_four_methods_in_one_scene(gen_web):
+    """Issue 15: four people in one image over the API, each with its own method (two of them
+    the adapters: FaceID Plus v2 and InstantID), and the provenance naming each."""
+    web = gen_web
+    methods = {"smiths/ana": "photomaker", "smiths/ben": "storymaker", "smiths/cai": "faceid",
+               "smiths/dee": "instantid"}
+    for person, handle in enumerate(methods, 1):
+        owner, name = handle.split("/")
+        resp = web.client.post(
+            f"/v1/identities/{owner}/{name}/enroll", headers=web.headers(owner),
+            data={"photos": [(io.BytesIO(photo_bytes(person, i)), f"{name}-{i}.jpg")
+                             for i in (0, 1)],
+                  "consent": json.dumps(consent_doc()),
+                  "kinds": f"face,{methods[handle]}"},
+            content_type="multipart/form-data")
+        assert resp.status_code == 201, resp.get_data(as_text=True)
+    prompt = ("@smiths/ana:girl, @smiths/ben:man, @smiths/cai:woman and @smiths/dee:boy "
+              "on a beach")
+    # Names the API checks before queueing: an unknown method, a handle not in the prompt.
+    for bad, needle in (({"@smiths/ana": "dreambooth"}, "'method' must be one of"),
+                        ({"@smiths/zed": "faceid"}, "does not mention: @smiths/zed")):
+        resp = web.client.post("/v1/generate", headers=web.headers("smiths", "generate"),
+                               json={"prompt": prompt, "method": bad})
+        assert resp.status_code == 400 and needle in resp.get_json()["error"]["message"], \
+            resp.get_data(as_text=True)
+    job = generate(web, prompt=prompt, size=[128, 64],
+                   method={f"@{h}": m for h, m in methods.items()})
+    assert job["params"]["method"] == methods
+    done = run(web, job["id"])
+    assert done["status"] == "done", done
+    assert done["result"]["methods"] == methods
+    v = web.client.get(f"/v1/jobs/{job['id']}/verify", headers=web.headers()).get_json()
+    assert v["status"] == "valid", v
+    used = {i["handle"]: i for i in v["manifest"]["identities"]}
+    assert {h: used[h]["method"] for h in methods} == methods
+    kinds = {h: web.vault.describe(h)["artifacts"] for h in methods}
+    for handle, method in methods.items():
+        artifact = next(a for a in kinds[handle] if a["kind"] == method)
+        [use] = used[handle]["artifacts"]
+        assert (use["id"], use["kind"], use["sha256"]) == (artifact["id"], method,
+                                                          artifact["sha256"]), use
+    adapters = " ".join(v["manifest"]["adapters"])
+    assert "ip-adapter-faceid-plusv2_sdxl.bin" in adapters and "ControlNetModel" in adapters
+
+
+def test_the_method_names_the_api_checks_are_the_generators_methods():
+    from generators.methods import METHODS
+
+    assert generation.METHOD_CHOICES == ("auto", *METHODS)

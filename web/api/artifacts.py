@@ -26,7 +26,8 @@ bp = ApiBlueprint("artifacts", __name__, tag="artifacts")
 READ_PURPOSES = ("share", "generate", "personalize")
 ARTIFACT_PARAMS = {**HANDLE_PARAMS, "artifact_id": {"type": "string", "maxLength": 64}}
 BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
-EXPORT_FORMATS = ("photomaker", "textual_inversion", "diffusers_lora")
+EXPORT_FORMATS = ("photomaker", "textual_inversion", "diffusers_lora", "reactor",
+                  "ip_adapter_embeds")
 MODEL_ID = query_param("model_id", {"type": "string", "maxLength": 128},
                        "which one, when the identity has several of that kind")
 BASE_MODEL = query_param("base_model", {"type": "string", "maxLength": 128},
@@ -89,7 +90,8 @@ def download_artifact(owner: str, name: str, artifact_id: str):
 
 @bp.op("/identities/<owner>/<name>/exports/<export_format>", "GET",
        summary="Export for other tools: photomaker (ID embeddings), textual_inversion "
-               "(Celeb Basis), diffusers_lora (LiDB; needs base_model)",
+               "(Celeb Basis), diffusers_lora (LiDB; needs base_model), reactor (a ReActor "
+               "face model), ip_adapter_embeds (FaceID Plus v2 for diffusers)",
        scope="artifacts:read",
        path_params={**HANDLE_PARAMS, "export_format": {"type": "string", "maxLength": 32}},
        query=[MODEL_ID, BASE_MODEL],

@@ -13,6 +13,12 @@ the photos sealed under the identity's data key and answers 202 with an
 ``enroll`` job (:mod:`encoders.enrollment_job`) that a worker runs; the job's
 result is the report, its error the refusal. ``/photos/check`` needs the face
 models, so there it answers 503.
+
+``POST /identities/{owner}/{name}/kinds`` adds artifact kinds to an enrolled
+identity (:mod:`encoders.enrollment_kinds`): without photos it needs no model
+(kinds held are reported, the others refused with what they need); with photos
+they are checked against the identity and used for the kinds only, in this
+process or, on a scale-out deployment, as an ``enroll`` job in mode ``add_kinds``.
 """
 
 from __future__ import annotations
@@ -22,11 +28,19 @@ import uuid
 
 from flask import jsonify, request
 
+from encoders import enrollment_kinds
 from encoders.photo import load_photo
 from vault import identities, staged_photos
 from vault.artifact_kinds import ENROLL_KINDS
 from vault.errors import InvalidInput, NotFound, PhotoRejected
-from web.api.blueprint import HANDLE_PARAMS, ApiBlueprint, json_response, ref, state
+from web.api.blueprint import (
+    HANDLE_PARAMS,
+    ApiBlueprint,
+    json_body,
+    json_response,
+    ref,
+    state,
+)
 from web.api.identities import parse_consent
 from web.auth import handle_in_owner, require
 from web.errors import ServiceUnavailable, UnsupportedMediaType
@@ -37,6 +51,7 @@ MAX_EVIDENCE_BYTES = 20 * 1024 * 1024
 PHOTO_FIELDS = {"photos"}
 ENROLL_FORM = {"consent", "pick", "kinds", "csrf_token"}
 ENROLL_FILES = {"photos", "evidence"}
+KINDS_FORM = {"kinds", "pick", "replace", "csrf_token"}
 
 PHOTOS_SCHEMA = {"type": "array", "minItems": 1, "maxItems": 32,
                  "items": {"type": "string", "format": "binary"},
@@ -131,12 +146,15 @@ def scale_out() -> bool:
 
 
 def queue_enrollment(p, handle: str, photos: list[bytes], names: list[str], *,
-                     consent=None, pick=None, kinds: tuple[str, ...] = ("face",)) -> dict:
+                     consent=None, pick=None, kinds: tuple[str, ...] = ("face",),
+                     add_kinds: bool = False, replace: bool = False) -> dict:
     """Stage the photos sealed and queue an ``enroll`` job for a worker; the job (a dict).
 
     A new identity (``consent`` given) gets its uid and data key now, so that its
     photos are sealed under its own key before it exists. On any failure nothing
-    stays staged, no key is left and nothing is queued.
+    stays staged, no key is left and nothing is queued. ``add_kinds``: the job adds
+    ``kinds`` to the enrolled ``handle`` from the photos (``replace`` as
+    :func:`encoders.enrollment_kinds.add_kinds`).
     """
     from encoders.enrollment_job import KIND, forget_new_identity
 
@@ -144,6 +162,8 @@ def queue_enrollment(p, handle: str, photos: list[bytes], names: list[str], *,
     check_decodable(photos, names)
     uid = str(uuid.uuid4()) if consent is not None else None
     params: dict = {"handle": handle, "kinds": list(kinds), "pick": pick}
+    if add_kinds:
+        params |= {"mode": "add_kinds", "replace": replace}
     if uid is not None:
         params |= {"uid": uid, "consent": consent.to_dict()}
     staged = staged_photos.stage(st.vault, handle, photos, names=names, actor=p.actor,
@@ -202,8 +222,9 @@ def per_photo(names: list[str], exc: PhotoRejected) -> PhotoRejected:
                             "the consent evidence (a signed form); only its SHA-256 is kept"},
                "pick": PICK_SCHEMA,
                "kinds": {"type": "string", "maxLength": 64, "description":
-                         "artifacts to compute, comma-separated (default 'face'; 'photomaker' "
-                         "and 'storymaker' need their checkpoints on the server)"}}}}}},
+                         "artifacts to compute, comma-separated (default 'face'; "
+                         "'photomaker', 'storymaker', 'faceid' and 'instantid' need their "
+                         "models on the server)"}}}}}},
        responses={
            "201": json_response("a new identity: active, or held for review",
                                 ref("EnrollmentReport")),
@@ -251,6 +272,111 @@ def enroll(owner: str, name: str):
         return jsonify(job), 202
     report = enroll_photos(p, handle, photos, names, consent=consent, pick=pick, kinds=kinds)
     return jsonify(report.to_json()), (200 if report.status == "updated" else 201)
+
+
+KINDS_DESCRIPTION = ("kinds to add, comma-separated: "
+                     + ", ".join(enrollment_kinds.ADDABLE_KINDS))
+REPLACE_DESCRIPTION = ("recompute a kind the identity already holds for the same model from "
+                       "these photos (default: refuse with 409)")
+
+
+def parse_flag(raw: str | None, name: str) -> bool:
+    if raw is None or raw in ("", "false", "0"):
+        return False
+    if raw in ("true", "1"):
+        return True
+    raise InvalidInput(f"'{name}' must be 'true' or 'false'")
+
+
+def kinds_request() -> tuple[list[str], bool, object, list[bytes], list[str]]:
+    """``(kinds, replace, pick, photos, names)`` of an add-kinds request (multipart with
+    optional photos, or JSON without)."""
+    if request.is_json:
+        doc = json_body(required=("kinds",), optional=("replace",))
+        raw, replace = doc["kinds"], doc.get("replace", False)
+        if isinstance(raw, str):
+            raw = raw.split(",")
+        if (not isinstance(raw, list) or len(raw) > 8
+                or not all(isinstance(k, str) and len(k) <= 32 for k in raw)):
+            raise InvalidInput(f"'kinds' is a list (or a comma-separated string) of "
+                               f"{', '.join(enrollment_kinds.ADDABLE_KINDS)}")
+        if not isinstance(replace, bool):
+            raise InvalidInput("'replace' must be true or false")
+        return enrollment_kinds.parse_kinds(raw), replace, None, [], []
+    multipart(KINDS_FORM, PHOTO_FIELDS)
+    raw = request.form.get("kinds")
+    if raw is None or len(raw) > 64:
+        raise InvalidInput(f"'kinds' (at most 64 characters) is required: {KINDS_DESCRIPTION}")
+    kinds = enrollment_kinds.parse_kinds(raw.split(","))
+    replace = parse_flag(request.form.get("replace"), "replace")
+    pick = parse_pick(request.form.get("pick"))
+    photos, names = read_photos() if request.files.getlist("photos") else ([], [])
+    return kinds, replace, pick, photos, names
+
+
+@bp.op("/identities/<owner>/<name>/kinds", "POST",
+       summary="Add artifact kinds to an enrolled identity, from photos where the stored "
+               "data does not suffice", scope="identities:write", path_params=HANDLE_PARAMS,
+       description="Without photos no model runs: kinds the identity holds are reported "
+                   "(status 'unchanged'), any other is refused with 400 saying what it "
+                   "needs (the vault keeps no photos). With photos, each must show the "
+                   "identity (its best similarity to the enrolled face reaching the review "
+                   "threshold) or nothing is stored; they are used for the new kinds only. "
+                   "docs/enrollment.md.",
+       body={"required": True, "content": {
+           "multipart/form-data": {"schema": {
+               "type": "object", "required": ["kinds"],
+               "properties": {
+                   "kinds": {"type": "string", "maxLength": 64,
+                             "description": KINDS_DESCRIPTION},
+                   "photos": {**PHOTOS_SCHEMA, "minItems": 0,
+                              "description": "photos of the identity (optional; "
+                                             + PHOTOS_SCHEMA["description"] + ")"},
+                   "pick": PICK_SCHEMA,
+                   "replace": {"type": "string", "enum": ["true", "false"],
+                               "description": REPLACE_DESCRIPTION}}}},
+           "application/json": {"schema": {
+               "type": "object", "required": ["kinds"], "additionalProperties": False,
+               "properties": {
+                   "kinds": {"type": "array", "maxItems": 8, "items": {
+                       "type": "string", "enum": list(enrollment_kinds.ADDABLE_KINDS)}},
+                   "replace": {"type": "boolean", "description": REPLACE_DESCRIPTION}}}}}},
+       responses={
+           "200": json_response("kinds added (status 'added'), or all already held "
+                                "(status 'unchanged')", ref("KindsReport")),
+           "202": json_response("a scale-out deployment: queued as an 'enroll' job (mode "
+                                "add_kinds) for a worker; its result is the report",
+                                ref("Job")),
+           "404": json_response("no such identity", ref("Error")),
+           "409": json_response("held for review, or the kind is already held for that "
+                                "model and 'replace' is not set", ref("Error")),
+           "400": json_response("a kind needs photos the vault does not keep "
+                                "(details.needs_photos: what each needs), or invalid "
+                                "fields", ref("Error")),
+           "422": json_response("photos rejected, or not of this identity "
+                                "(details.photos: one result per photo)", ref("Error")),
+           "503": json_response("a model the kinds need is not on this server",
+                                ref("Error"))})
+def add_kinds(owner: str, name: str):
+    p = require("identities:write")
+    handle = handle_in_owner(p, owner, name)
+    kinds, replace, pick, photos, names = kinds_request()
+    st = state()
+    if not photos:  # no model needed: held kinds, or what the others need
+        return jsonify(enrollment_kinds.stored_kinds(st.vault, handle, kinds,
+                                                     replace=replace).to_json()), 200
+    enrollment_kinds.held_kinds(st.vault, handle)  # 404, 409 or consent before staging
+    if scale_out():
+        job = queue_enrollment(p, handle, photos, names, pick=pick, kinds=tuple(kinds),
+                               add_kinds=True, replace=replace)
+        return jsonify(job), 202
+    try:
+        report = enrollment_kinds.add_kinds(st.enroller(), handle, kinds, photos,
+                                            names=names, pick=pick, replace=replace,
+                                            actor=p.actor)
+    except PhotoRejected as exc:
+        raise per_photo(names, exc) from None
+    return jsonify(report.to_json()), 200
 
 
 @bp.op("/photos/check", "POST", summary="Check photos for enrollment without storing "

@@ -41,8 +41,14 @@ GENERATE_BODY = {
                  "[width, height] (default: the base model's)",
                  "items": {"type": "integer", "minimum": 8, "maximum": generation.MAX_SIDE,
                            "multipleOf": 8}},
-        "method": {"type": "string", "maxLength": 32,
-                   "description": "auto (default) or a method name"},
+        "method": {"oneOf": [
+            {"type": "string", "enum": list(generation.METHOD_CHOICES)},
+            {"type": "object", "minProperties": 1, "maxProperties": generation.MAX_METHODS,
+             "additionalProperties": {"type": "string",
+                                      "enum": list(generation.METHOD_CHOICES)}}],
+                   "description": "auto (default), one method for every identity, or an "
+                                  "object mapping each identity's handle to its method "
+                                  "(mix methods in one image)"},
         "commercial": {"type": "boolean", "description": "needs the 'commercial' consent "
                        "purpose of every identity"}}}
 

@@ -110,6 +110,21 @@ SCHEMAS: dict[str, dict] = {
         "artifacts": {"type": "array", "items": _obj({"id": STR, "kind": STR,
                                                       "model_id": STR, "size": INT})},
         "timings": OBJ}),
+    "KindsReport": _obj({
+        "handle": STR, "status": {"type": "string", "enum": ["added", "unchanged"]},
+        "kinds": {"type": "array", "items": STR},
+        "artifacts": {"type": "array", "items": _obj({"id": STR, "kind": STR,
+                                                      "model_id": STR, "size": INT,
+                                                      "replaced": NSTR})},
+        "present": {"type": "object", "description": "kinds asked for and already held "
+                    "(no photos given): their model ids",
+                    "additionalProperties": {"type": "array", "items": STR}},
+        "photos": {"type": "array", "items": _obj(
+            {"photo": STR, "faces_found": INT, "face": INT, "det_score": NUM,
+             "face_px": NUM, "blur": NUM, "similarity": NUM})},
+        "threshold": {"type": "number", "nullable": True,
+                      "description": "the similarity each photo had to reach"},
+        "timings": OBJ}),
     "Review": _obj({"id": INT, "handle": STR, "candidate": STR, "score": NUM,
                     "status": {"type": "string", "enum": list(REVIEW_STATUSES)},
                     "created_at": STR, "decided_at": NSTR, "decided_by": NSTR,

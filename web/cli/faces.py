@@ -1,4 +1,5 @@
-"""``idvault`` commands that look at faces: enroll, review, verify-face, search, models.
+"""``idvault`` commands that look at faces: enroll, add-kinds, review, verify-face, search,
+models.
 
 They need the ML extra (insightface, onnxruntime, opencv); imports happen
 inside the commands so the rest of the CLI works without it.
@@ -81,6 +82,15 @@ def _progress():
     return update
 
 
+MASK_HELP = ("Person mask (white = person) for a photo, for StoryMaker's character crop; "
+             "that photo becomes the reference. Repeatable.")
+CLOTH_HELP = "A clothing image to use instead of the character crop (StoryMaker)."
+
+
+def _kinds(value: str) -> list[str]:
+    return [k.strip() for k in value.split(",") if k.strip()]
+
+
 @click.command()
 @click.argument("handle")
 @click.argument("photos", nargs=-1, required=True,
@@ -89,13 +99,11 @@ def _progress():
               help="Consent record JSON; required for a new identity (docs/consent.md).")
 @click.option("--kinds", default="face", show_default=True,
               help="Artifacts to compute, comma-separated: face (always), photomaker, "
-                   "storymaker. The last two need their checkpoints in --models.")
-@click.option("--mask", "mask_pairs", multiple=True, metavar="PHOTO=MASK",
-              help="Person mask (white = person) for a photo, for StoryMaker's character "
-                   "crop; that photo becomes the reference. Repeatable.")
+                   "storymaker, faceid, instantid. The others need their models in --models "
+                   "(faceid: clip-vit-h-14; instantid: the antelopev2 pack).")
+@click.option("--mask", "mask_pairs", multiple=True, metavar="PHOTO=MASK", help=MASK_HELP)
 @click.option("--cloth", "cloth_file", type=click.Path(path_type=Path, dir_okay=False,
-                                                        exists=True),
-              help="A clothing image to use instead of the character crop (StoryMaker).")
+                                                        exists=True), help=CLOTH_HELP)
 @click.option("--pick", "pick", default=None, help=PICK_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_models_options
@@ -122,7 +130,7 @@ def enroll(handle: str, photos: tuple[Path, ...], consent_file: Path | None, kin
         bar = _progress()
         try:
             report = enroller.enroll(handle, list(photos), consent=request,
-                                     kinds=[k.strip() for k in kinds.split(",") if k.strip()],
+                                     kinds=_kinds(kinds),
                                      names=[p.name for p in photos], pick=_pick(pick),
                                      masks=masks, cloth=cloth, progress=bar)
         finally:
@@ -145,6 +153,75 @@ def enroll(handle: str, photos: tuple[Path, ...], consent_file: Path | None, kin
             lines.append(f"  review #{report.review_id}: `idvault review accept "
                          f"{report.review_id}` if they are different people, else "
                          f"`idvault review reject {report.review_id}`")
+        return "\n".join(lines)
+
+    emit(doc, as_json, text)
+
+
+@click.command("add-kinds")
+@click.argument("handle")
+@click.argument("photos", nargs=-1,
+                type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--kinds", required=True,
+              help="Artifacts to add, comma-separated: photomaker, storymaker, faceid, "
+                   "instantid.")
+@click.option("--replace", is_flag=True,
+              help="Recompute a kind the identity already holds for the same model from "
+                   "PHOTOS (default: refuse, exit 7).")
+@click.option("--mask", "mask_pairs", multiple=True, metavar="PHOTO=MASK", help=MASK_HELP)
+@click.option("--cloth", "cloth_file", type=click.Path(path_type=Path, dir_okay=False,
+                                                        exists=True), help=CLOTH_HELP)
+@click.option("--pick", "pick", default=None, help=PICK_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_models_options
+@vault_options
+def add_kinds(handle: str, photos: tuple[Path, ...], kinds: str, replace: bool,
+              mask_pairs: tuple[str, ...], cloth_file: Path | None, pick: str | None,
+              as_json: bool, models_dir: Path | None, pack: str, settings: Settings) -> None:
+    """Add artifact kinds to the enrolled HANDLE, from PHOTOS where they are needed.
+
+    Without PHOTOS, kinds HANDLE already holds are reported unchanged, and any
+    other is refused (exit 8) with what it needs: the vault keeps no photos.
+    PHOTOS must each show HANDLE (best similarity to its enrolled photos at
+    least the review threshold; exit 8 otherwise, nothing stored); they are
+    used for the new kinds only, not added to its face artifact and not kept.
+    """
+    from encoders.enrollment_kinds import add_kinds as add
+    from encoders.enrollment_kinds import stored_kinds
+    from encoders.photo import load_photo
+
+    wanted = _kinds(kinds)
+    with open_vault(settings) as vault:
+        if not photos:
+            if mask_pairs or cloth_file:
+                raise errors.InvalidInput("--mask and --cloth go with PHOTOS")
+            report = stored_kinds(vault, handle, wanted, replace=replace)
+        else:
+            masks = _masks(mask_pairs)
+            cloth = load_photo(cloth_file, name=cloth_file.name) if cloth_file else None
+            enroller = _enroller(vault, models_dir, pack)
+            bar = _progress()
+            try:
+                report = add(enroller, handle, wanted, list(photos),
+                             names=[p.name for p in photos], pick=_pick(pick), masks=masks,
+                             cloth=cloth, replace=replace, progress=bar)
+            finally:
+                bar.close()
+    doc = report.to_json()
+
+    def text() -> str:
+        if report.status == "unchanged":
+            return "\n".join([f"unchanged: {report.handle} already holds "
+                               f"{', '.join(report.kinds)}"]
+                              + [f"  {k:<12} {', '.join(m)}" for k, m in report.present.items()])
+        lines = [f"added to {report.handle}: " + ", ".join(a.kind for a in report.artifacts)
+                 + f" (from {len(report.photos)} photo(s))"]
+        for p in report.photos:
+            lines.append(f"  {p['photo']:<28} face {p['face']} of {p['faces_found']}  "
+                         f"similarity {p['similarity']:.3f}")
+        for a in report.artifacts:
+            lines.append(f"  {a.kind:<12} {a.model_id}"
+                         + (f"  (replaced {a.replaced})" if a.replaced else ""))
         return "\n".join(lines)
 
     emit(doc, as_json, text)
@@ -255,6 +332,8 @@ def models_tiny(directory: Path, settings: Settings) -> None:
 
     target = write_tiny_face_pack(directory / "models" / "buffalo_l")
     click.echo(f"wrote a tiny buffalo_l-layout face pack to {target}")
+    target = write_tiny_face_pack(directory / "models" / "antelopev2", pack="antelopev2")
+    click.echo(f"wrote a tiny antelopev2-layout face pack (InstantID's) to {target}")
     written = write_tiny_generation_models(directory)
     sdxl = written.pop("sdxl")
     click.echo("wrote tiny PhotoMaker v1/v2, StoryMaker and CLIP ViT-H/14 stand-ins: "
@@ -283,7 +362,8 @@ def models_check(directory: Path | None, as_json: bool, settings: Settings) -> N
             "searched": [str(p) for p in r.searched],
             "files": [{"name": f.name, "present": f.present, "size": f.size,
                        "sha256": f.sha256} for f in r.files],
-            "enables": "enroll, verify-face, search" if r.complete else None,
+            "enables": (PACK_ENABLES.get(name, "enroll --pack " + name) if r.complete
+                        else None),
         })
 
     def text() -> str:
@@ -304,7 +384,14 @@ def models_check(directory: Path | None, as_json: bool, settings: Settings) -> N
     enables = {"photomaker-v1": "enroll --kinds photomaker (v1)",
                "photomaker-v2": "enroll --kinds photomaker (v2)",
                "storymaker": "enroll --kinds storymaker (with clip-vit-h-14)",
-               "clip-vit-h-14": "enroll --kinds storymaker (with storymaker)"}
+               "clip-vit-h-14": "enroll --kinds faceid, and storymaker (with storymaker)",
+               "faceid-plusv2-sdxl": "generation with the faceid method (artifacts: enroll "
+                                     "--kinds faceid)",
+               "instantid-ip-adapter": "generation with the instantid method (with "
+                                       "instantid-controlnet; artifacts: enroll --kinds "
+                                       "instantid)",
+               "instantid-controlnet": "generation with the instantid method (with "
+                                       "instantid-ip-adapter)"}
     checkpoints = [{"checkpoint": c.key, "description": c.description,
                     "path": str(c.path) if c.path else None, "size": c.size,
                     "sha256": c.sha256, "problem": c.problem,
@@ -316,7 +403,8 @@ def models_check(directory: Path | None, as_json: bool, settings: Settings) -> N
         for c in checkpoints:
             if c["path"]:
                 lines.append(f"{c['checkpoint']}: {c['path']} ({c['size']:,} B, sha256 "
-                             f"{c['sha256'][:16]}...) enables {c['enables']}")
+                             f"{c['sha256'][:16]}...)"
+                             + (f" enables {c['enables']}" if c["enables"] else ""))
             else:
                 lines.append(f"{c['checkpoint']}: not found")
         return "\n".join(lines)
@@ -328,6 +416,11 @@ def models_check(directory: Path | None, as_json: bool, settings: Settings) -> N
             "for offline stand-ins)")
 
 
+PACK_ENABLES = {"buffalo_l": "enroll, verify-face, search",
+                "antelopev2": "the instantid kind; enroll, verify-face, search with this "
+                              "pack"}
+
+
 def register(cli: click.Group) -> None:
-    for command in (enroll, review, verify_face, search, models):
+    for command in (enroll, add_kinds, review, verify_face, search, models):
         cli.add_command(command)

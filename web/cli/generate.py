@@ -16,8 +16,8 @@ import click
 from vault import errors
 from vault.config import Settings
 from web.cli.common import open_vault, progress_bar, vault_options
+from web.generation import METHOD_CHOICES
 
-METHOD_CHOICES = ("auto", "photomaker", "storymaker", "celeb_basis", "lidb")
 MODELS_HELP = ("Models folder with the identity methods' weights and, unless --base-model is "
                "given, the SDXL base model [env IDVAULT_MODELS; default: ~/.insightface].")
 
@@ -48,8 +48,11 @@ def _size(value: str | None) -> tuple[int, int] | None:
               help="Denoising steps.")
 @click.option("--size", "size_text", default=None, metavar="WxH",
               help="Image size, multiples of 8 (default: the base model's, 1024x1024 for SDXL).")
-@click.option("--method", type=click.Choice(METHOD_CHOICES), default="auto", show_default=True,
-              help="Identity method for every identity; auto picks per the artifacts and "
+@click.option("--method", "methods", multiple=True, default=("auto",), show_default=True,
+              metavar="METHOD|@HANDLE=METHOD",
+              help="Identity method: one for every identity, or per identity as "
+                   "@owner/name=METHOD (repeat the option; mix methods in one image). "
+                   f"Methods: {', '.join(METHOD_CHOICES)}; auto picks per the artifacts and "
                    "weights available.")
 @click.option("--base-model", default=None, metavar="DIR_OR_HUB_NAME",
               help="SDXL base model: a diffusers folder or a Hugging Face name (default: the "
@@ -66,7 +69,7 @@ def _size(value: str | None) -> tuple[int, int] | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and timings as JSON.")
 @vault_options
 def generate(prompt: str, output: Path, layout: str | None, seed: int | None, steps: int,
-             size_text: str | None, method: str, base_model: str | None,
+             size_text: str | None, methods: tuple[str, ...], base_model: str | None,
              models_dir: Path | None, owner_name: str | None, commercial: bool,
              negative_prompt: str | None, guidance_scale: float, as_json: bool,
              settings: Settings) -> None:
@@ -78,8 +81,12 @@ def generate(prompt: str, output: Path, layout: str | None, seed: int | None, st
     with `idvault verify`).
     """
     from generators.compose import ComposePipeline
+    from generators.methods.assignment import check_method_choice
+    from generators.prompt import parse_prompt
 
     size = _size(size_text)
+    method = parse_methods(methods)
+    check_method_choice(method, parse_prompt(prompt).handles)  # before any model loads
     seed = secrets.randbelow(2**31) if seed is None else seed
     if not output.parent.is_dir():
         raise errors.InvalidInput(f"{output.parent} is not a folder")
@@ -105,6 +112,36 @@ def generate(prompt: str, output: Path, layout: str | None, seed: int | None, st
     click.echo(f"wrote {output} ({w}x{h}, seed {seed}, {steps} steps, "
                f"{result.timings['total']:.1f} s): {who}; base model "
                f"{manifest['base_model']}; signed provenance manifest")
+
+
+def parse_methods(values: tuple[str, ...]) -> str | dict[str, str]:
+    """``--method`` values -> ComposePipeline's ``method``: one name, or handle -> name."""
+    single = [v for v in values if "=" not in v]
+    per_identity: dict[str, str] = {}
+    for value in values:
+        if "=" not in value:
+            continue
+        handle, _, name = value.partition("=")
+        handle = handle.strip().lstrip("@")
+        if not handle or name.strip() not in METHOD_CHOICES:
+            raise errors.InvalidInput(f"--method {value!r}: expected @owner/name=METHOD with "
+                                      f"METHOD one of {', '.join(METHOD_CHOICES)}")
+        if handle in per_identity:
+            raise errors.InvalidInput(f"--method names @{handle} twice")
+        per_identity[handle] = name.strip()
+    for name in single:
+        if name not in METHOD_CHOICES:
+            raise errors.InvalidInput(f"--method {name!r} is not one of "
+                                      f"{', '.join(METHOD_CHOICES)}")
+    if per_identity:
+        if [n for n in single if n != "auto"]:
+            raise errors.InvalidInput("give --method either once for every identity or per "
+                                      "identity as @owner/name=METHOD, not both")
+        return per_identity
+    if len(set(single)) > 1:
+        raise errors.InvalidInput(f"--method given {len(single)} times: name one method, or "
+                                  "one per identity as @owner/name=METHOD")
+    return single[0] if single else "auto"
 
 
 @click.command()

@@ -5,8 +5,9 @@ and runs it in this process with a progress bar; Ctrl-C cancels it. A job that
 stopped because the process died resumes from its last checkpoint the next
 time a worker (this command, or the server's embedded worker) runs it.
 
-``artifact export`` writes a fitted artifact in a format other tools load:
-a textual-inversion file (Celeb Basis) or a diffusers LoRA (LiDB).
+``artifact export`` writes an artifact in a format other tools load: a
+textual-inversion file (Celeb Basis), a diffusers LoRA (LiDB), a ReActor face
+model (face) or FaceID Plus v2 embeds for diffusers (faceid).
 
 Wire with ``register(cli)`` (adds ``personalize`` and ``artifact export``).
 """
@@ -111,9 +112,12 @@ def _run_with_progress(queue, owner: str, job_id: str) -> dict:
 
 @click.command("export")
 @click.argument("handle")
-@click.option("--format", "fmt", type=click.Choice(["textual-inversion", "diffusers-lora"]),
+@click.option("--format", "fmt", type=click.Choice(["textual-inversion", "diffusers-lora",
+                                                    "reactor", "ip-adapter-embeds"]),
               required=True, help="textual-inversion: a Celeb Basis identity's two tokens; "
-                                  "diffusers-lora: a LiDB identity's LoRA.")
+                                  "diffusers-lora: a LiDB identity's LoRA; reactor: a ReActor "
+                                  "face model (face artifact); ip-adapter-embeds: FaceID Plus "
+                                  "v2 inputs for diffusers (faceid artifact).")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="Where to write the safetensors file (created 0600).")
 @click.option("--base-model", type=click.Path(path_type=Path, file_okay=False, exists=True),
@@ -125,7 +129,7 @@ def _run_with_progress(queue, owner: str, job_id: str) -> dict:
 @vault_options
 def artifact_export(handle: str, fmt: str, output: Path, base_model: Path | None,
                     token: str | None, model_id: str | None, settings: Settings) -> None:
-    """Export HANDLE's fitted artifact for other tools (consent: share; audited)."""
+    """Export HANDLE's artifact for other tools (consent: share; audited)."""
     from encoders.fitting.exports import export
 
     with open_vault(settings) as vault:

@@ -22,7 +22,7 @@ def retention_policy():
 
 
 GALLERY = 12  # finished scenes shown on the generation page
-METHOD_CHOICES = ("auto", "photomaker", "storymaker", "celeb_basis", "lidb")
+METHOD_CHOICES = generation.METHOD_CHOICES
 
 
 def _usable(owner: str) -> list[str]:

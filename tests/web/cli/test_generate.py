@@ -120,3 +120,41 @@ def test_generate_usage_and_model_errors(cli, tmp_path) -> None:
     _, err = cli("generate", "a beach", "--base-model", str(tmp_path), "-o", str(d / "x.png"),
                  code=9)
     assert "model_index.json" in err
+
+
+def test_four_identities_with_mixed_methods(cli) -> None:
+    """Issue 15: four people in one image from the command line, the two adapters among
+    them, each named in the signed provenance; bad --method values fail before any work."""
+    d = cli.dir
+    methods = {"northlight/ana": "photomaker", "northlight/ben": "storymaker",
+               "northlight/cai": "faceid", "northlight/dee": "instantid"}
+    for person, (handle, method) in enumerate(methods.items(), 1):
+        photos = []
+        for i in range(2):
+            path = d / f"{handle.replace('/', '_')}_{i}.png"
+            Image.fromarray(synthetic_face(person, i)).save(path)
+            photos.append(str(path))
+        out, _ = cli("enroll", handle, *photos, "--consent", str(d / "c.json"),
+                     "--kinds", f"face,{method}")
+        assert method in out
+    prompt = ("@northlight/ana:girl, @northlight/ben:man, @northlight/cai:woman and "
+              "@northlight/dee:boy at a picnic")
+    flags = [f"--method=@{h}={m}" for h, m in methods.items()]
+    for bad, needle in ((["--method", "@northlight/ana=dreambooth"], "expected @owner/name="),
+                        (["--method", "faceid", "--method", "@northlight/ana=faceid"],
+                         "not both"),
+                        (["--method", "@northlight/zed=faceid"], "does not mention")):
+        _, err = cli("generate", prompt, *bad, "--steps", "1", "-o", str(d / "x.png"), code=8)
+        assert needle in err, err
+    assert not (d / "x.png").exists()
+    doc = json.loads(cli("generate", prompt, *flags, "--seed", "3", "--steps", "2",
+                         "--size", "128x64", "-o", str(d / "picnic.png"), "--json")[0])
+    assert doc["methods"] == methods
+    out, _ = cli("verify", str(d / "picnic.png"))
+    assert "valid, signed by this vault" in out
+    for handle, method in methods.items():
+        assert f"{handle} via {method}" in out
+    adapters = " ".join(doc["manifest"]["adapters"])
+    for needle in ("photomaker-v2", "storymaker/mask.bin@", "ip-adapter-faceid-plusv2_sdxl.bin",
+                   "ControlNetModel"):
+        assert needle in adapters, adapters

@@ -50,7 +50,8 @@ def test_contract_flow(ready, tmp_path):
     run("artifact", "get", "smiths/ana", "face", "-o", str(got), "--purpose", "generate")
     assert got.read_bytes() == face.read_bytes() and (got.stat().st_mode & 0o777) == 0o600
     kinds = json.loads(run("artifact", "kinds", "--json")[0])
-    assert set(kinds) == {"face", "photomaker", "storymaker", "celeb_basis", "lidb"}
+    assert set(kinds) == {"face", "photomaker", "storymaker", "faceid", "instantid",
+                          "celeb_basis", "lidb"}
     assert "rotated: KEK version 2 active" in run("keys", "rotate")[0]
     assert "1 identities, 3 vectors" in run("index", "rebuild")[0]
     assert "audit chain intact" in run("audit", "verify")[0]
