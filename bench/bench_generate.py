@@ -2,7 +2,9 @@
 
 What it measures
     One generation, end to end, by :class:`generators.compose.ComposePipeline`
-    with 1, 2 and 4 identities (PhotoMaker; StoryMaker with 1 and 2) against
+    with 1, 2 and 4 identities (PhotoMaker; StoryMaker with 1 and 2; FaceID and
+    InstantID with 1 and 4; ``mixed x4``: one identity each of PhotoMaker,
+    StoryMaker, FaceID and InstantID in one image) against
     a plain ``StableDiffusionXLPipeline`` built from **the same component
     objects** (``StableDiffusionXLPipeline(**compose.pipe.components)``), the
     same steps, size and seed, and the same prompt text with the class words
@@ -48,7 +50,9 @@ Full size (``--full-size``)
     (``--manifests``), the SDXL VAE, the tiny offline tokenizers. The
     identity checkpoints are full size too: ``photomaker-v2.bin`` (543M-
     parameter ID encoder, LoRA rank 64 on all 140 attention processors) and
-    StoryMaker's ``mask.bin`` (830M parameters, LoRA rank 128), written
+    StoryMaker's ``mask.bin`` (830M parameters, LoRA rank 128) and, when their
+    variants run, ``ip-adapter-faceid-plusv2_sdxl.bin`` (744M, fp16) and InstantID's
+    ``ip-adapter.bin`` (423M) and ``ControlNetModel`` (1.25B, fp16), written
     random into the temporary models folder and checked by the loaders
     against the official layouts. Defaults become 1024x1024, 30 steps, 5
     rounds. Nothing is downloaded; the images are noise.

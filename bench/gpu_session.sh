@@ -12,7 +12,8 @@
 # order, each under its own timeout and all under one deadline, so a failing
 # or slow bench costs only itself:
 #
-#   1. bench_generate.py --full-size   (ComposePipeline vs plain SDXL, fp16, 1024x1024, 30 steps)
+#   1. bench_generate.py --full-size   (ComposePipeline vs plain SDXL, fp16, 1024x1024, 30 steps;
+#      PhotoMaker, StoryMaker, FaceID and InstantID with 1 and 4 identities)
 #   2. bench_id_encoders.py --device cuda --dtype float16
 #   3. bench_personalize.py --device cuda --dtype bfloat16
 #
@@ -148,7 +149,9 @@ if [ "$SMOKE" = 1 ]; then
 else
     # Setup (checkpoints written on the CPU, the model built on the GPU) then 6 variants x
     # (warm-up + up to 5 rounds); --time-budget starts no round that would end past 210 s.
+    # The adapters (issue 15) ride in the same run: one model build, one plain baseline.
     run_bench generate 270 "$PY" bench/bench_generate.py --full-size --manifests "$MANIFESTS" \
+        --variants photomaker-x1,photomaker-x4,storymaker-x1,faceid-x1,faceid-x4,instantid-x1,instantid-x4 \
         --time-budget 210
     run_bench id_encoders 75 "$PY" bench/bench_id_encoders.py --device cuda --dtype float16 \
         --iters 5

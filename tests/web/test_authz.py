@@ -50,6 +50,8 @@ ENDPOINTS = [
              "json:reason", handle_path=True),
     Endpoint("POST", "/v1/identities/smiths/ana/enroll", "identities:write", "photos",
              handle_path=True),
+    Endpoint("POST", "/v1/identities/smiths/ana/kinds", "identities:write", "json:kinds",
+             handle_path=True),
     Endpoint("POST", "/v1/photos/check", "identities:write", "photos"),
     Endpoint("GET", "/v1/identities/smiths/ana/artifacts", "identities:read", handle_path=True),
     Endpoint("GET", "/v1/identities/smiths/ana/artifacts/{face}", "identities:read",
@@ -150,6 +152,8 @@ def call(web, client, e: Endpoint, ids: dict, headers: dict | None = None):
         kwargs["json"] = {"reason": "test"}
     elif e.body == "json:pair":
         kwargs["json"] = {"a": "smiths/ana", "b": "smiths/ben"}
+    elif e.body == "json:kinds":
+        kwargs["json"] = {"kinds": "faceid"}  # no photos: refused as 400 when allowed
     elif e.body == "json:job":
         kwargs["json"] = {"kind": "rebuild_index"}
     elif e.body == "json:generate":
