@@ -28,8 +28,8 @@ import numpy as np
 from encoders.face.analyzer import FaceAnalyzer, FaceResult, PhotoInput, Pick
 from encoders.face.pack import recognizer_model_id
 from encoders.photo import load_photo
+from encoders.preflight import check_kinds
 from vault import codec
-from vault.artifact_kinds import ENROLL_KINDS
 from vault.consent import ConsentRequest
 from vault.errors import InvalidInput, PhotoRejected
 from vault.vault import EnrollmentResult, StoredArtifact, Vault
@@ -252,10 +252,7 @@ class Enroller:
         the report, without the store's own timing).
         """
         kinds = list(dict.fromkeys(kinds))
-        unknown = [k for k in kinds if k not in ENROLL_KINDS]
-        if unknown or "face" not in kinds:
-            raise InvalidInput(f"enrollment computes these kinds: {', '.join(ENROLL_KINDS)} "
-                               f"(asked for {', '.join(kinds)}); 'face' is always required")
+        check_kinds(kinds)
         labels = list(names) if names is not None else [photo_label(p, i) for i, p in
                                                           enumerate(photos)]
         unknown_masks = sorted(set(masks or {}) - set(labels))

@@ -83,6 +83,28 @@ def load_photo(
     only the base name of a path is used so server paths do not leak into
     messages shown to users.
     """
+    label, image = _checked_header(source, limits, name)
+    image = _decode(image, label)
+    return _to_rgb_array(image, label)
+
+
+def check_photo(
+    source: bytes | bytearray | str | Path,
+    limits: PhotoLimits = PhotoLimits(),
+    *,
+    name: str | None = None,
+) -> None:
+    """Refuse, as :func:`load_photo` would, a photo that cannot be read, is not an image
+    or is too large -- from its header, without decoding the pixels (a cheap check that
+    commands make before any model loads)."""
+    _checked_header(source, limits, name)
+
+
+# -- steps ---------------------------------------------------------------------
+
+
+def _checked_header(source, limits: PhotoLimits, name: str | None):
+    """The photo's label and its opened (not yet decoded) image, size limits checked."""
     label, data = _read_source(source, limits, name)
     image = _open_header(data, label)
     width, height = image.size
@@ -96,11 +118,7 @@ def load_photo(
             width=width,
             height=height,
         )
-    image = _decode(image, label)
-    return _to_rgb_array(image, label)
-
-
-# -- steps ---------------------------------------------------------------------
+    return label, image
 
 
 def _read_source(

@@ -51,7 +51,10 @@ SCOPE_HELP = {
     "admin": "members, API keys, audit verification, maintenance jobs",
 }
 TOKEN_PREFIX = "idv_"
-_TOKEN = re.compile(r"^idv_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
+# The shape of a token, looser than the tokens we issue (43-character secrets): a token of
+# this shape is looked up and, if no key matches, "unknown", not "malformed"; only text that
+# cannot be a key at all is malformed. The bound keeps hashing cheap.
+_TOKEN = re.compile(r"^idv_([0-9a-f]{12})_([A-Za-z0-9_-]{1,128})$")
 MAX_EXPIRY_DAYS = 3650
 TOUCH_EVERY = dt.timedelta(minutes=1)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,25 @@ ACTIONS = (
     "enroll", "review.accept", "review.reject", "photos.stage", "user.create",
     "user.password", "user.delete", "member.grant", "member.revoke",
 )
+
+
+def cli_actor(environ=None) -> str:
+    """The audit actor of a command run on this machine: ``cli:<account>``.
+
+    ``$USER`` when set (what the shell says), else the OS account of this process (cron,
+    systemd and containers often leave ``$USER`` unset), else its numeric uid: an event
+    always names who ran it, never ``cli:unknown``.
+    """
+    env = os.environ if environ is None else environ
+    name = env.get("USER", "").strip()
+    if not name:
+        try:
+            import pwd
+
+            name = pwd.getpwuid(os.getuid()).pw_name
+        except (ImportError, KeyError):  # no passwd entry (a bare container's uid)
+            name = f"uid{os.getuid()}"
+    return f"cli:{name}"
 
 
 def canonical_time(value: dt.datetime) -> str:

@@ -91,13 +91,26 @@ class FileKeyProvider(KeyProvider):
                 f"key file {self.path} is readable by other users (mode {mode:04o}); "
                 f"run `chmod 600 {self.path}`"
             )
+        # The parser's own words ("Expecting value: line 1 column 1") help nobody: say
+        # what the file is not and what to do, and name a format only when it has one.
+        not_ours = (f"key file {self.path} is not an idvault key file (corrupt, or another "
+                    "kind of file); point IDVAULT_KEY_FILE (or --key-file) at this vault's "
+                    "key file, or restore it from your backup")
         try:
             doc = json.loads(self.path.read_text())
-            if doc.get("format") != KEY_FILE_FORMAT:
-                raise ValueError(f"format is {doc.get('format')!r}, expected {KEY_FILE_FORMAT!r}")
+        except ValueError:  # also UnicodeDecodeError: a binary file
+            raise KeyUnavailable(not_ours) from None
+        if not isinstance(doc, dict):
+            raise KeyUnavailable(not_ours)
+        if doc.get("format") != KEY_FILE_FORMAT:
+            found = doc.get("format")
+            raise KeyUnavailable(not_ours if found is None else
+                                 f"{not_ours} (its format is {found!r}, expected "
+                                 f"{KEY_FILE_FORMAT!r})")
+        try:
             keys = {int(v): base64.b64decode(k, validate=True) for v, k in doc["keys"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
-            raise KeyUnavailable(f"key file {self.path} is not a valid idvault key file: {exc}") from None
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
+            raise KeyUnavailable(not_ours) from None
         for version, key in keys.items():
             if len(key) != KEY_BYTES:
                 raise KeyUnavailable(

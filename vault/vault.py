@@ -19,7 +19,6 @@ import base64
 import datetime as dt
 import hashlib
 import json
-import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -106,7 +105,7 @@ class OpenedArtifact:
 
 
 def _actor() -> str:
-    return f"cli:{os.environ.get('USER', 'unknown')}"
+    return audit.cli_actor()
 
 
 class Vault:

@@ -17,6 +17,7 @@ data keys) follows the database's change log as on scaled-out API nodes
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from flask import Flask
 
 from vault import accounts
-from vault.errors import InvalidInput, VaultError
+from vault.errors import Conflict, InvalidInput, VaultError
 
 log = logging.getLogger("idvault.serve")
 
@@ -80,14 +81,38 @@ def make_server(app: Flask, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, 
 
 def listen_socket(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:
     """A listening TCP socket on ``host:port`` (port 0: any free port), for the workers."""
-    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                  flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise InvalidInput(f"cannot listen on {host}:{port}: unknown host {host!r}; "
+                           f"choose another with --host") from exc
     family, kind, proto, _, addr = info[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(addr)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise _bind_error(host, port, exc) from exc
     sock.listen(1024)
     sock.setblocking(False)  # waitress accepts from its event loop
     return sock
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> VaultError:
+    """What a user can do about a port that cannot be bound (the raw OSError says neither)."""
+    where = f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return Conflict(f"port {port} is already in use on {host}: another process holds "
+                        f"it; choose another with --port, or stop that process")
+    if exc.errno == errno.EACCES:
+        return InvalidInput(f"not allowed to listen on {where} (ports below 1024 need "
+                            f"privileges); choose another with --port")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return InvalidInput(f"cannot listen on {where}: {host} is not an address of this "
+                            f"machine; choose another with --host")
+    return InvalidInput(f"cannot listen on {where}: {exc.strerror or exc}")
 
 
 def server_url(server) -> str:

@@ -239,7 +239,14 @@ def _missing_message(spec: PackSpec, searched: list[Path], problems: list[str]) 
         lines.append("Problems found:")
         lines.extend(f"  - {p}" for p in problems)
     lines.append(obtain_instructions(spec))
+    lines.append(TRY_OFFLINE)
     return "\n".join(lines)
+
+
+# A new user without the weights can still try every command; say how, and say plainly
+# that the stand-ins are not the real thing.
+TRY_OFFLINE = ("To try idvault offline without them: `idvault models tiny DIR` writes tiny "
+               "stand-in models (they give no likeness), then pass --models DIR.")
 
 
 def obtain_instructions(spec: PackSpec) -> str:

@@ -7,29 +7,15 @@ limit (``max_identities``: StoryMaker's character slots) still holds."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
-from generators.methods import METHODS
 from generators.methods.base import IdentityMethod, IdentityRequest
+from generators.preflight import check_method_choice
 from vault.errors import InvalidInput, ModelUnavailable
 
+# check_method_choice lives in the torch-free generators.preflight (the CLI runs it before
+# importing torch); re-exported here beside assign_methods, which the pipeline runs after it.
 __all__ = ["assign_methods", "check_method_choice"]
-
-
-def check_method_choice(method: str | Mapping[str, str], handles: Sequence[str],
-                        known: Collection[str] = METHODS) -> None:
-    """The ``method`` argument names ``known`` methods (default: the registered ones),
-    for identities the prompt mentions."""
-    names = [method] if isinstance(method, str) else list(dict(method).values())
-    unknown = sorted({n for n in names if n != "auto" and n not in known})
-    if unknown:
-        raise InvalidInput(f"unknown method {', '.join(unknown)}; methods: auto, "
-                           f"{', '.join(known)}")
-    if not isinstance(method, str):
-        extra = sorted({k.lstrip("@") for k in method} - set(handles))
-        if extra:
-            raise InvalidInput(f"methods given for identities the prompt does not "
-                               f"mention: {', '.join(extra)}")
 
 
 def assign_methods(methods: Mapping[str, IdentityMethod], requests: list[IdentityRequest],

@@ -37,7 +37,10 @@ def test_refusals(family):
                                       expires_at=utcnow() + dt.timedelta(seconds=1))
     wrong_secret = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     for bad, why in ((wrong_secret, "unknown"), ("idv_000000000000_" + "A" * 43, "unknown"),
-                     ("not a key", "malformed"), ("", "malformed"), (None, "malformed")):
+                     ("idv_000000000000_nope", "unknown"), (token[:-1], "unknown"),
+                     ("not a key", "malformed"), ("idv_nope", "malformed"),
+                     ("idv_000000000000_", "malformed"), ("idv_00000000000g_nope", "malformed"),
+                     ("", "malformed"), (None, "malformed")):
         with family.session() as s, pytest.raises(KeyRefused, match=why):
             api_keys.authenticate(s, bad)
     with family.session() as s, pytest.raises(KeyRefused, match="expired"):
@@ -103,7 +106,9 @@ def test_verify_refuses_exactly_as_authenticate(family):
         assert api_keys.needs_touch(grant)
         wrong = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
         for bad, why in ((wrong, "unknown"), ("idv_000000000000_" + "A" * 43, "unknown"),
-                         ("not a key", "malformed"), ("", "malformed"), (None, "malformed")):
+                         ("idv_000000000000_nope", "unknown"), (token[:-1], "unknown"),
+                         ("not a key", "malformed"), ("idv_000000000000_a b", "malformed"),
+                         ("", "malformed"), (None, "malformed")):
             with pytest.raises(KeyRefused, match=why):
                 api_keys.verify(conn, bad)
         with pytest.raises(KeyRefused, match="expired"):

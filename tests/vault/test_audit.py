@@ -95,3 +95,19 @@ def test_append_many_chains_each_event_and_writes_the_head_once(family):
         assert audit.verify(s).ok
         # The refused batch wrote nothing: its valid first event is not in the chain.
         assert s.scalar(select(audit.AuditHead)).seq == head_before + 3
+
+
+def test_cli_actor_names_the_os_account_when_user_is_unset(monkeypatch):
+    import os
+    import pwd
+
+    account = pwd.getpwuid(os.getuid()).pw_name
+    assert audit.cli_actor({"USER": "maria"}) == "cli:maria"
+    for env in ({}, {"USER": ""}, {"USER": "  "}):
+        assert audit.cli_actor(env) == f"cli:{account}"
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)  # a container uid with no passwd entry
+    assert audit.cli_actor({}) == f"cli:uid{os.getuid()}"

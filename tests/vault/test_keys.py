@@ -71,10 +71,25 @@ def test_key_file_readable_by_others_refused(vault, settings):
         Vault.open(settings)
 
 
-def test_malformed_key_file(vault, settings):
+@pytest.mark.parametrize("garbage", [b"{]", b"\x89PNG\r\n\x1a\n\xff\xfe", b"[1, 2]",
+                                     b'{"format": "idvault-kek-file/1", "keys": {"1": "**"}}',
+                                     b'{"keys": {}}'])
+def test_malformed_key_file(vault, settings, garbage):
     vault.dispose()
-    settings.resolved_key_file.write_text("{]")
-    with pytest.raises(KeyUnavailable, match="not a valid idvault key file"):
+    settings.resolved_key_file.write_bytes(garbage)
+    with pytest.raises(KeyUnavailable) as caught:
+        Vault.open(settings)
+    message = str(caught.value)
+    assert f"key file {settings.resolved_key_file} is not an idvault key file" in message
+    assert "corrupt" in message and "backup" in message
+    for internals in ("Expecting", "line 1", "codec", "decode", "Incorrect padding", "char"):
+        assert internals not in message  # the parser's words, not ours
+
+
+def test_key_file_of_another_format_names_it(vault, settings):
+    vault.dispose()
+    settings.resolved_key_file.write_text('{"format": "other-v9", "keys": {}}')
+    with pytest.raises(KeyUnavailable, match="is not an idvault key file .*'other-v9'"):
         Vault.open(settings)
 
 

@@ -263,6 +263,17 @@ def test_no_credentials_and_bad_credentials(web, seeded):
         assert web.client.get(path).status_code == 200
 
 
+def test_a_well_formed_key_nobody_issued_is_unknown_not_malformed(web):
+    for token, why in (("idv_000000000000_nope", "unknown API key"),
+                       ("idv_000000000000_" + "A" * 43, "unknown API key"),
+                       (web.key()[:-1], "unknown API key"),  # a real key, cut short
+                       ("idv_nope", "malformed API key"), ("' OR 1=1 --", "malformed API key")):
+        resp = web.client.get("/v1/identities", headers={"Authorization": f"Bearer {token}"})
+        assert resp.status_code == 401, token
+        error = resp.get_json()["error"]
+        assert error["code"] == "unauthorized" and error["message"].startswith(why), error
+
+
 def test_another_owners_key_sees_nothing(web, seeded):
     """northlight's key, with every scope, against smiths' handles and ids: 404, exactly
     the answer for a handle or id that does not exist; its lists hold nothing of smiths."""

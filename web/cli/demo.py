@@ -6,13 +6,15 @@ owners, enrollment with consent, a duplicate caught, a twin pair held for
 review and accepted, lookups by handle, 1:1 verification and 1:N search, key
 rotation, consent withdrawal and erasure with signed receipts, an audit check,
 and a two-person scene generated from handles with the tiny SDXL stand-in
-(noise, no likeness), signed and verified.
+(noise, no likeness), signed and verified. A temporary folder (a few hundred MB
+of stand-ins) is removed at the end unless ``--keep``; one the user named is kept.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -56,12 +58,48 @@ def _photos(folder: Path, name: str, person: int, n: int, start: int = 0,
     return paths
 
 
-def run_demo(data_dir: Path | None = None) -> None:
+def run_demo(data_dir: Path | None = None, keep: bool = False) -> None:
+    """Narrate the demo in ``data_dir``, or in a new temporary folder that is removed at the
+    end (also on an error or Ctrl-C) unless ``keep``. A folder the user named is theirs: it
+    is always kept."""
+    temporary = data_dir is None
+    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="idvault-demo-"))
+    remove = temporary and not keep
+    try:
+        _narrate(data_dir)
+    except BaseException:
+        if remove:
+            _remove(data_dir)
+        raise
+    if remove:
+        click.secho("\ndone.", fg="green")
+        _remove(data_dir)
+        return
+    models, photos = data_dir / "models", data_dir / "photos"
+    click.secho(f"\ndone. Try the CLI on it:\n  export IDVAULT_DATA_DIR={data_dir / 'vault'} "
+                f"IDVAULT_MODELS={models}\n  idvault identity list\n  idvault verify-face "
+                f"smiths/cleo {photos / 'cleo_0.png'}\n  idvault verify "
+                f"{data_dir / 'scene.png'}", fg="green")
+    if temporary:
+        click.echo(f"kept {data_dir}; delete it when done (`rm -r {data_dir}`)")
+
+
+def _remove(folder: Path) -> None:
+    """Delete the temporary demo folder (a few hundred MB of stand-in models) and say so."""
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder.exists():
+        click.echo(f"could not remove all of the demo folder {folder}; delete it by hand")
+    else:
+        click.echo(f"removed the demo folder {folder} ({size / 1e6:.0f} MB); "
+                   "`idvault demo --keep` keeps it to try the CLI on")
+
+
+def _narrate(data_dir: Path) -> None:
     from encoders.enrollment import Enroller
     from encoders.face.analyzer import FaceAnalyzer
     from encoders.standins.face_pack import write_tiny_face_pack
 
-    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="idvault-demo-"))
     models, photos = data_dir / "models", data_dir / "photos"
     photos.mkdir(parents=True, exist_ok=True)
 
@@ -146,10 +184,6 @@ def run_demo(data_dir: Path | None = None) -> None:
     step(12, "a two-person scene from handles, signed (tiny SDXL stand-in: noise, no likeness)")
     _two_person_scene(vault, enroller, models, photos, data_dir)
     vault.dispose()
-    click.secho(f"\ndone. Try the CLI on it:\n  export IDVAULT_DATA_DIR={data_dir / 'vault'} "
-                f"IDVAULT_MODELS={models}\n  idvault identity list\n  idvault verify-face "
-                f"smiths/cleo {photos / 'cleo_0.png'}\n  idvault verify "
-                f"{data_dir / 'scene.png'}", fg="green")
 
 
 def _two_person_scene(vault: Vault, enroller, models: Path, photos: Path, data_dir: Path) -> None:

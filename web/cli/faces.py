@@ -113,19 +113,25 @@ def enroll(handle: str, photos: tuple[Path, ...], consent_file: Path | None, kin
            as_json: bool, models_dir: Path | None, pack: str, settings: Settings) -> None:
     """Enroll HANDLE from PHOTOS: check, embed, dedupe, seal and store.
 
-    Each photo must show exactly one usable face (or use --pick); if any photo
-    is rejected nothing is stored and every rejected photo is listed. A face
+    The owner, the consent (a record for a new identity; `enroll` granted for
+    an existing one), the kinds and that every photo is a readable image are
+    checked before any model loads. Each photo must show exactly one usable
+    face (or use --pick); if any photo is rejected nothing is stored and every
+    rejected photo is listed. A face
     matching an existing identity above the block threshold is refused with
     exit code 10, naming the match; one in the review band is stored on hold
     (see `idvault review`). Enrolling an existing HANDLE adds the photos.
     """
     from encoders.photo import load_photo
+    from encoders.preflight import check_enrollment
     from vault.consent import ConsentRequest
 
     request = ConsentRequest.from_file(consent_file) if consent_file else None
     masks = _masks(mask_pairs)
     cloth = load_photo(cloth_file, name=cloth_file.name) if cloth_file else None
     with open_vault(settings) as vault:
+        # What the vault would refuse when it stores, before any face model loads.
+        check_enrollment(vault, handle, consent=request, photos=photos, kinds=_kinds(kinds))
         enroller = _enroller(vault, models_dir, pack)
         bar = _progress()
         try:

@@ -8,6 +8,7 @@ needs only the vault (Pillow and the public signing key).
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from pathlib import Path
 
@@ -75,22 +76,25 @@ def generate(prompt: str, output: Path, layout: str | None, seed: int | None, st
              settings: Settings) -> None:
     """Compose one image from PROMPT, with @OWNER/NAME[:class] handles, and sign it.
 
-    Consent (generate, and commercial with --commercial), ownership and the
-    needed artifacts are checked before any model work; every generation is
-    an audit event. The PNG carries a signed provenance manifest (check it
-    with `idvault verify`).
+    Consent (generate, and commercial with --commercial), ownership, the
+    needed artifacts, the output path and the base model's folder are checked
+    before any model work; every generation is an audit event. The PNG
+    carries a signed provenance manifest (check it with `idvault verify`).
     """
-    from generators.compose import ComposePipeline
-    from generators.methods.assignment import check_method_choice
-    from generators.prompt import parse_prompt
+    from generators.base_model import find_base_model
+    from generators.preflight import preflight
 
     size = _size(size_text)
     method = parse_methods(methods)
-    check_method_choice(method, parse_prompt(prompt).handles)  # before any model loads
     seed = secrets.randbelow(2**31) if seed is None else seed
-    if not output.parent.is_dir():
-        raise errors.InvalidInput(f"{output.parent} is not a folder")
+    _check_output(output)
     with open_vault(settings) as vault:
+        # Every check that needs no model, before torch is imported: an error arrives at
+        # once, not after the ML stack and the base model load.
+        preflight(vault, prompt, method=method, owner=owner_name, commercial=commercial)
+        find_base_model(base_model, models_dir)
+        from generators.compose import ComposePipeline
+
         pipe = ComposePipeline.from_pretrained(base_model, vault=vault, models_dir=models_dir)
         bar = progress_bar("generating", unit="step")
         try:
@@ -112,6 +116,19 @@ def generate(prompt: str, output: Path, layout: str | None, seed: int | None, st
     click.echo(f"wrote {output} ({w}x{h}, seed {seed}, {steps} steps, "
                f"{result.timings['total']:.1f} s): {who}; base model "
                f"{manifest['base_model']}; signed provenance manifest")
+
+
+def _check_output(output: Path) -> None:
+    """The PNG can be written where ``-o`` says (a folder that exists and is writable)."""
+    folder = output.parent
+    if not folder.is_dir():
+        raise errors.InvalidInput(f"{folder} is not a folder (-o {output})")
+    if output.is_dir():
+        raise errors.InvalidInput(f"-o {output} is a folder; name the PNG file to write")
+    if not os.access(folder, os.W_OK | os.X_OK) or (output.exists()
+                                                    and not os.access(output, os.W_OK)):
+        raise errors.InvalidInput(f"-o {output}: not writable here (check the permissions of "
+                                  f"{output if output.exists() else folder})")
 
 
 def parse_methods(values: tuple[str, ...]) -> str | dict[str, str]:

@@ -66,7 +66,19 @@ def init(settings: Settings) -> None:
     click.echo(f"  data:      {vault.describe_location()}")
     click.echo(f"  key store: {vault.keystore_engine.url.render_as_string(hide_password=True)}")
     click.echo(f"  KEK:       {vault.provider.describe()}")
+    click.echo(_backup_advice(vault.provider))
     vault.dispose()
+
+
+def _backup_advice(provider) -> str:
+    """What to keep safe now: losing the KEK loses every artifact, and nothing recreates it."""
+    lost = "without it nothing in this vault can be decrypted, and nothing recreates it"
+    if provider.name == "file":
+        return (f"back up the key file now: {provider.path} (keep the copy apart from the "
+                f"data and its backups); {lost}")
+    if provider.name == "env":
+        return f"keep a copy of the key in {provider.VAR} apart from the data; {lost}"
+    return f"keep the passphrase of {provider.VAR} safe (a password manager); {lost}"
 
 
 # -- owners ----------------------------------------------------------------------
@@ -453,12 +465,15 @@ _register_worker_commands(cli)
 
 @cli.command()
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="Where to build the demo vault (default: a new temporary folder).")
-def demo(data_dir: Path | None) -> None:
+              help="Where to build the demo vault (default: a new temporary folder, removed "
+                   "at the end unless --keep). A folder given here is kept.")
+@click.option("--keep", is_flag=True,
+              help="Keep the temporary folder (models, photos, vault) to try the CLI on.")
+def demo(data_dir: Path | None, keep: bool) -> None:
     """Run the main job end to end on a throwaway vault and narrate it."""
     from web.cli.demo import run_demo
 
-    run_demo(data_dir)
+    run_demo(data_dir, keep=keep)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,8 +53,13 @@ KINDS = ("celeb_basis", "lidb")
 def personalize(handle: str, kind: str, photos: tuple[Path, ...], base_model: Path,
                 steps: int | None, seed: int, mode: str, models_dir: Path | None,
                 as_json: bool, settings: Settings) -> None:
-    """Fit a Celeb Basis or LiDB artifact for HANDLE from photos (consent: personalize)."""
+    """Fit a Celeb Basis or LiDB artifact for HANDLE from photos (consent: personalize).
+
+    The identity, its consent, Celeb Basis's face artifact, the photos
+    (readable images) and the base model folder (a diffusers pipeline) are
+    checked before any model loads."""
     import encoders.fitting.jobs  # noqa: F401  (registers the job kinds)
+    from encoders.preflight import check_fit
     from vault.handles import Handle
     from vault.jobs import REGISTRY, JobQueue
 
@@ -67,12 +72,16 @@ def personalize(handle: str, kind: str, photos: tuple[Path, ...], base_model: Pa
         if models_dir is not None:
             params["models_dir"] = str(models_dir.resolve())
     with open_vault(settings) as vault:
+        # What the job would refuse once torch and the base model load, before submitting.
+        check_fit(vault, handle, kind=kind, photos=photos, base_model=base_model)
+        from vault.audit import cli_actor
+
         owner = Handle.parse(handle).owner
         # Only this kind: the command runs the job it submitted, not the server's backlog
         # (an older queued job of the same kind runs first).
         queue = JobQueue(vault, registry={kind: REGISTRY[kind]})
         job = queue.submit(owner, kind, params, identity=handle,
-                           actor=f"cli:{os.environ.get('USER', 'unknown')}")
+                           actor=cli_actor())
         doc = _run_with_progress(queue, owner, job["id"])
     if doc["status"] != "done":
         raise click.ClickException(f"job {doc['id']} {doc['status']}: "

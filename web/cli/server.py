@@ -9,7 +9,6 @@ manages UI accounts (argon2id password hashes) and their roles per owner;
 from __future__ import annotations
 
 import datetime as dt
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +21,9 @@ ROLES = ("admin", "editor", "viewer")
 
 
 def _actor() -> str:
-    return f"cli:{os.environ.get('USER', 'unknown')}"
+    from vault.audit import cli_actor
+
+    return cli_actor()
 
 
 def _read_password(from_stdin: bool) -> str | None:

@@ -66,6 +66,7 @@ def test_missing_pack_error_lists_folders_files_source_and_licence(tmp_path: Pat
     assert "buffalo_l.zip" in message and "github.com/deepinsight/insightface/releases" in message
     assert "DIR/models/buffalo_l" in message and ENV_VAR in message
     assert "non-commercial research" in message and "MIT" in message
+    assert "`idvault models tiny DIR`" in message and "no likeness" in message
     assert err.value.details["searched"] == [str(d) for d in candidate_dirs(tmp_path, env={})]
 
 

@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +36,19 @@ def ready(run, tmp_path):
     path.write_text(json.dumps(consent_doc()))
     run("identity", "add", "smiths/ana", "--consent", str(path))
     return run
+
+
+def test_init_says_to_back_up_the_key_file_and_where_it_is(tmp_path, capsys, monkeypatch):
+    key = tmp_path / "keys" / "family.key"
+    assert main(["init", "--data-dir", str(tmp_path / "v1"), "--key-file", str(key)]) == 0
+    out = capsys.readouterr().out
+    assert key.is_file() and f"back up the key file now: {key}" in out
+    assert "nothing in this vault can be decrypted" in out
+    # The env provider has no file: it says which variable holds the key instead.
+    monkeypatch.setenv("IDVAULT_KEK", "A" * 43 + "=")
+    assert main(["init", "--data-dir", str(tmp_path / "v2"), "--key-provider", "env"]) == 0
+    out = capsys.readouterr().out
+    assert "keep a copy of the key in IDVAULT_KEK" in out and "key file" not in out
 
 
 def test_contract_flow(ready, tmp_path):
@@ -119,9 +134,11 @@ def test_console_script_runs_as_a_process(tmp_path):
 
 def test_demo_runs_and_prints_only_its_own_lines(tmp_path):
     # A process of its own: the ML libraries' notices and progress bars show once per process.
-    run = subprocess.run([sys.executable, "-m", "web.cli.main", "demo", "--data-dir",
-                          str(tmp_path / "demo")], capture_output=True, text=True,
-                         env={**os.environ, "TERM": "xterm"})
+    # Its temporary folder goes under tmp_path (TMPDIR), where we can see it is removed.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    run = subprocess.run([sys.executable, "-m", "web.cli.main", "demo"], capture_output=True,
+                         text=True, env={**os.environ, "TERM": "xterm", "TMPDIR": str(tmp)})
     assert run.returncode == 0, run.stderr
     assert run.stderr == ""  # no third-party warning or progress bar
     out = run.stdout
@@ -130,3 +147,52 @@ def test_demo_runs_and_prints_only_its_own_lines(tmp_path):
     assert "held: resembles smiths/cleo" in out and "accepted: smiths/dan is active" in out
     assert "ben_new_20.png vs smiths/ana: different" in out
     assert "closest is now smiths/dan (new)" in out and "chain intact: True" in out
+    folder = re.search(r"removed the demo folder (\S+) \((\d+) MB\)", out)
+    assert folder and Path(folder.group(1)).parent == tmp and int(folder.group(2)) > 0, out
+    assert list(tmp.glob("idvault-demo-*")) == []  # nothing left behind
+    assert "--keep" in out and "export IDVAULT_DATA_DIR" not in out  # no tour of a gone folder
+
+
+def _fake_narration(monkeypatch, fail: bool = False):
+    """The demo's narration replaced by one that writes a file (and fails if asked): these
+    tests are about the folder's fate, which the real run above covers for the default."""
+    from web.cli import demo
+
+    def narrate(data_dir):
+        (data_dir / "vault").mkdir(parents=True)
+        (data_dir / "vault" / "vault.db").write_bytes(b"x" * 3_000_000)
+        if fail:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "_narrate", narrate)
+
+
+def test_demo_keep_keeps_its_folder_and_says_where(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    _fake_narration(monkeypatch)
+    assert main(["demo", "--keep"]) == 0
+    out = capsys.readouterr().out
+    [folder] = tmp_path.glob("idvault-demo-*")
+    assert (folder / "vault" / "vault.db").is_file()
+    assert f"export IDVAULT_DATA_DIR={folder / 'vault'}" in out and f"kept {folder}" in out
+
+
+def test_demo_never_removes_a_folder_the_user_named(tmp_path, monkeypatch, capsys):
+    _fake_narration(monkeypatch)
+    assert main(["demo", "--data-dir", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine" / "vault" / "vault.db").is_file()
+    assert "removed" not in capsys.readouterr().out
+
+
+def test_demo_removes_its_folder_even_when_interrupted(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    _fake_narration(monkeypatch, fail=True)
+    assert main(["demo"]) == 1  # click turns Ctrl-C into its Abort: "aborted", exit 1
+    out = capsys.readouterr().out
+    assert list(tmp_path.glob("idvault-demo-*")) == []
+    assert re.search(rf"removed the demo folder {re.escape(str(tmp_path))}/idvault-demo-\S+ "
+                     r"\(3 MB\)", out), out

@@ -71,6 +71,20 @@ def test_user_commands(cli):
     _, err = cli("user", "delete", "root-user", code=6)
 
 
+def test_cli_audit_actor_is_the_os_account_without_user(cli, monkeypatch):
+    import pwd
+
+    from vault import audit
+    from vault.config import Settings
+    from vault.vault import Vault
+
+    monkeypatch.delenv("USER", raising=False)  # as under cron, systemd or `env -i`
+    cli("user", "add", "zed-user")
+    with Vault.open(Settings.from_env(data_dir=cli.data)) as v, v.session() as s:
+        actor = [e.actor for e in audit.events(s) if e.action == "user.create"][-1]
+    assert actor == f"cli:{pwd.getpwuid(os.getuid()).pw_name}" and actor != "cli:unknown"
+
+
 def test_apikey_commands(cli):
     out, _ = cli("apikey", "create", "smiths", "--name", "render farm", "--scope",
                  "identities:read", "--scope", "generate", "--expires-days", "30")
@@ -134,7 +148,7 @@ def test_serve_prints_how_to_sign_in_and_serves(cli, tmp_path):
         assert "HttpOnly" in resp.headers["Set-Cookie"]
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=60)  # past the supervisor's own 30 s reap deadline
     assert proc.returncode == 0 and "stopped" in out
     # The second start: no new password, says how to sign in.
     proc, url, lines = start()
@@ -143,7 +157,7 @@ def test_serve_prints_how_to_sign_in_and_serves(cli, tmp_path):
         assert "one-time password" not in "".join(lines)
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
+        proc.communicate(timeout=60)
 
 
 # -- several server processes ----------------------------------------------------------------
@@ -162,6 +176,20 @@ def test_serve_refuses_a_bad_worker_count_before_listening(cli, monkeypatch):
     monkeypatch.delenv("IDVAULT_WEB_WORKERS")
     _, err = cli("serve", "--port", "0", "--workers", "0", code=2)
     assert "--workers" in err
+
+
+def test_serve_on_a_busy_port_names_the_port_and_what_to_do(cli):
+    import socket
+
+    with socket.socket() as holder:  # another process's server, as far as serve can tell
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        # --workers 2: the port is tried before any app is built
+        out, err = cli("serve", "--port", str(port), "--workers", "2", code=7)
+    assert f"port {port} is already in use on 127.0.0.1" in err
+    assert "--port" in err and "stop that process" in err
+    assert "OSError" not in err and "Errno" not in err and "serving" not in out
 
 
 def _workers_of(pid: int) -> set[int]:
