@@ -53,22 +53,10 @@ def check_enrollment(vault, handle: str, *, consent: ConsentRequest | None,
     h = Handle.parse(handle)
     check_kinds(kinds)
     with vault.session(read_only=True) as s:
-        identities.get_owner(s, h.owner)
         try:
-            existing = identities.get_identity(s, h)
-        except NotFound:
-            existing = None
-        if existing is None and consent is None:
-            raise InvalidInput(f"{h} is a new identity: enrolling it needs a consent "
-                               "record (--consent FILE.json)")
-        if existing is not None and consent is not None:
-            raise InvalidInput(f"{h} already exists with its consent record; adding photos "
-                               "takes no new consent (omit --consent)")
-        if existing is not None:
-            _check_use(h, existing.consent, "enroll")
-            if existing.status == "held":
-                raise Conflict(f"{h} is held for review; accept or reject it first "
-                               "(`idvault review list`)")
+            identities.enrollment_target(s, h, consent_given=consent is not None)
+        except ConsentError as exc:
+            raise type(exc)(f"{h}: {exc.message}", handle=str(h), purpose="enroll") from None
     check_photos(photos)
 
 

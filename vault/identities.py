@@ -106,6 +106,31 @@ def check_usable(identity: Identity, purpose: str) -> None:
     consent.check_use(identity.consent, purpose)
 
 
+def enrollment_target(session: Session, handle: Handle | str, *, consent_given: bool,
+                      lock: bool = False) -> Identity | None:
+    """The identity an enrollment of ``handle`` adds photos to (None: a new one), or the
+    refusal: a new identity needs a consent record, an existing one takes none, must have
+    consent granting ``enroll`` and must not be held for review. The owner must exist."""
+    h = Handle.parse(str(handle))
+    get_owner(session, h.owner)
+    try:
+        existing = get_identity(session, h, lock=lock)
+    except NotFound:
+        existing = None
+    if existing is None and not consent_given:
+        raise InvalidInput(f"{h} is a new identity: enrolling it needs a consent "
+                           "record (--consent FILE.json)")
+    if existing is not None and consent_given:
+        raise InvalidInput(f"{h} already exists with its consent record; adding photos "
+                           "takes no new consent (omit --consent)")
+    if existing is not None:
+        consent.check_use(existing.consent, "enroll")
+        if existing.status == "held":
+            raise Conflict(f"{h} is held for review; accept or reject it first "
+                           "(`idvault review list`)")
+    return existing
+
+
 def create_identity(session: Session, handle: Handle | str, request: ConsentRequest, *,
                     actor: str, uid: str | None = None) -> Identity:
     """A new identity with its consent record, in the caller's transaction (``uid``: the

@@ -519,21 +519,8 @@ class Vault:
             # with every change committed before the lock, this search sees them all.
             dedupe_log.lock_owner(s, owner.id)
             self.dedupe.catch_up(s, owner.id)
-            try:
-                existing: Identity | None = identities.get_identity(s, h, lock=True)
-            except NotFound:
-                existing = None
-            if existing is None and consent_request is None:
-                raise InvalidInput(f"{h} is a new identity: enrolling it needs a consent "
-                                   "record (--consent FILE.json)")
-            if existing is not None and consent_request is not None:
-                raise InvalidInput(f"{h} already exists with its consent record; adding photos "
-                                   "takes no new consent (omit --consent)")
-            if existing is not None:
-                check_use(existing.consent, "enroll")
-                if existing.status == "held":
-                    raise Conflict(f"{h} is held for review; accept or reject it first "
-                                   "(`idvault review list`)")
+            existing: Identity | None = identities.enrollment_target(
+                s, h, consent_given=consent_request is not None, lock=True)
             exclude = set()
             if existing is not None:
                 exclude = {existing.id} | identities.not_same_partners(s, existing.id)
