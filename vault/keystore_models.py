@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import CheckConstraint, DateTime, Integer, LargeBinary, MetaData, String
+from sqlalchemy import CheckConstraint, Integer, LargeBinary, MetaData, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from vault.models import NAMING, utcnow
+from vault.models import NAMING, UTCDateTime, utcnow
 
 KEK_STATES = ("active", "retiring", "retired")
 
@@ -40,7 +40,7 @@ class KekVersion(KeystoreBase):
     salt: Mapped[bytes | None] = mapped_column(LargeBinary)  # passphrase provider only
     check_value: Mapped[bytes] = mapped_column(LargeBinary)
     state: Mapped[str] = mapped_column(String(16))
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class DataKey(KeystoreBase):
@@ -51,7 +51,7 @@ class DataKey(KeystoreBase):
     identity_uid: Mapped[str] = mapped_column(String(36), unique=True)
     kek_version: Mapped[int] = mapped_column(Integer, index=True)
     wrapped: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class SigningKey(KeystoreBase):
@@ -63,4 +63,4 @@ class SigningKey(KeystoreBase):
     public_key: Mapped[bytes] = mapped_column(LargeBinary)
     kek_version: Mapped[int] = mapped_column(Integer, index=True)
     wrapped_private: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
