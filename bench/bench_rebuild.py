@@ -65,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from sqlalchemy import func, insert, select  # noqa: E402
 
-from vault import codec, crypto  # noqa: E402
+from vault import codec, crypto, record_seal  # noqa: E402
 from vault.config import Settings  # noqa: E402
 from vault.db import READ_ONLY  # noqa: E402
 from vault.keystore import _dek_context  # noqa: E402
@@ -77,7 +77,7 @@ OWNER = "bench"
 MODEL_ID = "bench-arcface-synthetic"
 CACHE = ROOT / ".bench" / "rebuild"
 PG_ADMIN = os.environ.get("IDVAULT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-FORMAT = 1  # of the cached stores; bump when the fixture changes
+FORMAT = 2  # of the cached stores; bump when the fixture changes (2: record seals)
 CHUNK = 5000
 
 
@@ -95,6 +95,7 @@ def populate(settings: Settings, n: int, seed: int) -> float:
     with vault.session() as s:
         owner_id = s.scalar(select(Owner.id).where(Owner.name == OWNER))
     version = vault.keys.active_version()
+    record_key = vault.keys.record_key()
     shapes = {"embeddings": [1, 512], "mean": [512], "normed": [1, 512]}
     retain = dt.date.today() + dt.timedelta(days=3650)
     for c, start in enumerate(range(0, n, CHUNK)):
@@ -114,13 +115,19 @@ def populate(settings: Settings, n: int, seed: int) -> float:
             art_id = str(uuid.uuid4())
             sealed = crypto.seal(dek, payload, key_id=key_id, key_version=1,
                                  context=vault._context(OWNER, uid, art_id, "face", MODEL_ID))
+            consent = {"uid": str(uuid.uuid4()), "given_at": now,
+                       "subject": f"Bench Person {name}", "given_by": "self",
+                       "guardian_name": None, "purposes": ["enroll", "generate"],
+                       "retain_until": retain,
+                       "evidence_sha256": hashlib.sha256(name.encode()).hexdigest()}
+            record = record_seal.make_record(
+                vault.vault_id, identity_uid=uid, owner=OWNER, owner_kind="studio",
+                erase_policy="immediate", name=name, status="active",
+                consents=[record_seal.consent_entry(**consent)])
             idents.append({"id": iid, "uid": uid, "owner_id": owner_id, "name": name,
-                           "status": "active", "created_at": now, "updated_at": now})
-            consents.append({"uid": str(uuid.uuid4()), "identity_id": iid, "given_at": now,
-                             "subject": f"Bench Person {name}", "given_by": "self",
-                             "guardian_name": None, "purposes": ["enroll", "generate"],
-                             "retain_until": retain,
-                             "evidence_sha256": hashlib.sha256(name.encode()).hexdigest()})
+                           "status": "active", "created_at": now, "updated_at": now,
+                           "seal": record_seal.seal_record(record_key, vault.vault_id, record)})
+            consents.append({**consent, "identity_id": iid})
             arts.append({"id": art_id, "identity_id": iid, "kind": "face", "schema_version": 1,
                          "model_id": MODEL_ID, "size": len(payload),
                          "sha256": hashlib.sha256(payload).hexdigest(), "shapes": shapes,

@@ -5,8 +5,13 @@ input. The file size is checked before the bytes are read, the pixel count is
 read from the header and checked before anything is decoded (a 100 kB PNG can
 declare 10 gigapixels), only the JPEG, PNG and WebP decoders are ever run, and
 every failure becomes a :class:`~vault.errors.PhotoRejected` that names the
-file and says what is wrong with it. EXIF orientation is applied so that what
-the face detector sees is what the user's photo viewer shows.
+file and says what is wrong with it. The header is also checked for shapes
+no face detector can use (a side under ``min_side`` pixels, a side more than
+``max_aspect`` times the other: a 60000x2 PNG would otherwise scale to zero
+rows in the detector) and for pixel formats outside the ones these decoders
+produce, all before any pixel is decoded. An animated PNG or WebP yields its
+first frame; the others are never decoded. EXIF orientation is applied so that
+what the face detector sees is what the user's photo viewer shows.
 """
 
 from __future__ import annotations
@@ -26,6 +31,15 @@ from vault.errors import InvalidInput, PhotoRejected
 # PIL format names of the only decoders we run. Multi-picture JPEGs from
 # phones and cameras open through the JPEG decoder and report format "MPO".
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+
+# Pixel formats (PIL modes) the allowed decoders produce, by what they hold: anything
+# else is refused from the header, before its decoder or a conversion runs.
+_KNOWN_MODES = frozenset({
+    "1", "L", "P", "RGB",  # bilevel, grey, palette, colour
+    "LA", "La", "PA", "RGBA", "RGBa", "RGBX",  # the same with alpha or padding
+    "CMYK", "YCbCr",  # print and camera JPEGs
+    "I", "I;16", "I;16B", "I;16L", "I;16N",  # 16-bit grey PNGs
+})
 
 # Magic numbers of formats people commonly try, so a refusal can say what the
 # file is instead of "not an image" -- without running those formats' parsers.
@@ -59,15 +73,27 @@ class PhotoLimits:
     ``max_bytes`` bounds the encoded file (default 20 MB, larger than any
     phone photo); ``max_pixels`` bounds width x height as declared in the
     header (default 40 MP: a 48 MP phone sensor is usually saved at 12 MP, and
-    a decoded 40 MP RGB image is 120 MB).
+    a decoded 40 MP RGB image is 120 MB). Pillow's own bomb guard
+    (``Image.MAX_IMAGE_PIXELS``, 89 MP) refuses larger images at open even if
+    ``max_pixels`` is raised past it.
+
+    ``min_side`` is the shortest side accepted (default 32 px: a face must be
+    64 px across to be used, so a smaller photo can never enroll), and
+    ``max_aspect`` the most one side may exceed the other (default 10: phone
+    panoramas reach about 8:1; at 10:1 the detector, which scales the longer
+    side to 640 px, still sees 64 px across the shorter).
     """
 
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
+    min_side: int = 32
+    max_aspect: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.max_bytes <= 0 or self.max_pixels <= 0:
+        if self.max_bytes <= 0 or self.max_pixels <= 0 or self.min_side <= 0:
             raise InvalidInput("photo limits must be positive")
+        if not self.max_aspect >= 1.0:
+            raise InvalidInput("max_aspect must be at least 1 (a square)")
 
 
 def load_photo(
@@ -117,6 +143,32 @@ def _checked_header(source, limits: PhotoLimits, name: str | None):
             photo=label,
             width=width,
             height=height,
+        )
+    longer, shorter = max(width, height), min(width, height)
+    if longer > shorter * limits.max_aspect:
+        ratio = f"{longer / shorter:.1f}".removesuffix(".0")
+        raise PhotoRejected(
+            f"{label}: {width}x{height} is {ratio} times as "
+            f"{'wide as it is high' if width > height else 'high as it is wide'}; at most "
+            f"{limits.max_aspect:g}:1 is accepted, so crop the photo around the face",
+            photo=label,
+            width=width,
+            height=height,
+        )
+    if shorter < limits.min_side:
+        raise PhotoRejected(
+            f"{label}: {width}x{height} is too small; a photo must be at least "
+            f"{limits.min_side} px on each side (a face needs about 64 px)",
+            photo=label,
+            width=width,
+            height=height,
+        )
+    if image.mode not in _KNOWN_MODES:
+        raise PhotoRejected(
+            f"{label}: the {image.format or 'image'} pixel format {image.mode!r} is not "
+            f"supported; save the photo as ordinary 8-bit RGB",
+            photo=label,
+            mode=image.mode,
         )
     return label, image
 
@@ -238,6 +290,18 @@ def _decode(image: Image.Image, label: str) -> Image.Image:
 
 
 def _to_rgb_array(image: Image.Image, label: str) -> np.ndarray:
+    try:
+        return _rgb_pixels(image, label)
+    except (OSError, ValueError, TypeError) as exc:
+        # A palette or pixel format the header allowed but the data does not bear out.
+        raise PhotoRejected(
+            f"{label}: the {image.format or 'image'} pixels ({image.mode}) cannot be "
+            f"converted to RGB ({exc})",
+            photo=label,
+        ) from None
+
+
+def _rgb_pixels(image: Image.Image, label: str) -> np.ndarray:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit greyscale PNGs: PIL's RGB conversion clips at 255 (almost

@@ -32,6 +32,7 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -44,6 +45,7 @@ from sqlalchemy.orm import Session
 from vault import audit
 from vault.errors import InvalidInput, NotFound, SignatureInvalid
 from vault.keystore import KeyStore
+from vault.private_files import open_private
 
 __all__ = [
     "CHUNK_KEY_ID",
@@ -188,7 +190,8 @@ def save_signed_png(vault, image: Image.Image, record: GenerationRecord, path: P
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        image.save(tmp, format="PNG", pnginfo=info)
+        with open_private(tmp) as f:
+            image.save(f, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -265,11 +268,11 @@ class Verification:
         return lines
 
 
-def _read_png(path: Path) -> tuple[Image.Image, dict[str, str]]:
-    if not path.exists():
+def _read_png(path: Path, data: bytes | None = None) -> tuple[Image.Image, dict[str, str]]:
+    if data is None and not path.exists():
         raise NotFound(f"no image at {path}")
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             img.load()
             fmt = img.format
             text = dict(getattr(img, "text", {}) or {})
@@ -281,10 +284,13 @@ def _read_png(path: Path) -> tuple[Image.Image, dict[str, str]]:
     return image, text
 
 
-def verify_image(vault, path: Path | str) -> Verification:
-    """Check an image's provenance against this vault's signing key."""
+def verify_image(vault, path: Path | str, *, data: bytes | None = None) -> Verification:
+    """Check an image's provenance against this vault's signing key.
+
+    ``data``: the image itself (an upload, checked in memory, never written to a
+    disk); ``path`` then only names it in the verdict."""
     path = Path(path)
-    image, text = _read_png(path)
+    image, text = _read_png(path, data)
     body_text = text.get(CHUNK_MANIFEST)
     sig_text = text.get(CHUNK_SIGNATURE)
     key_text = text.get(CHUNK_KEY_ID)

@@ -3,6 +3,10 @@
 Session-level services (they never commit; the caller's ``Vault.session()``
 owns the transaction), like ``vault.identities``.
 
+* A new password (set by anyone, or generated) must be 10 to 1024 characters,
+  not only spaces, not the username, and hard to guess: zxcvbn's score of at
+  least 3 (``strength_problem``), which refuses common passwords, repeats
+  ("aaaaaaaaaa", "abcabcabca"), sequences and keyboard walks, saying why.
 * Passwords are hashed with **argon2id** (argon2-cffi's RFC 9106 low-memory
   profile by default: 3 passes over 64 MiB, 4 lanes); only the encoded hash
   is stored. A login for an unknown user still runs one verification, so the
@@ -27,6 +31,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, selectinload
+from zxcvbn import zxcvbn
 
 from vault import audit
 from vault.api_keys import SCOPES
@@ -42,6 +47,8 @@ ROLE_SCOPES: dict[str, tuple[str, ...]] = {
     "admin": SCOPES,
 }
 MIN_PASSWORD = 10
+MIN_STRENGTH = 3  # zxcvbn's score (0-4); 3 needs an estimated 10^8 guesses or more
+STRENGTH_PREFIX = 72  # zxcvbn's own length limit (its matching is quadratic in length)
 MAX_PASSWORD = 1024  # argon2 takes any length; this bounds the work per login
 SESSION_TTL = dt.timedelta(hours=12)
 _USERNAME = re.compile(r"^[a-z0-9][a-z0-9._@+-]{2,63}$")
@@ -60,16 +67,44 @@ def validate_username(username: str) -> str:
 
 
 def password_problems(password: object, username: str | None = None) -> list[str]:
+    """What is wrong with a new password, each as what it must be; [] when it is fine."""
     if not isinstance(password, str):
-        return ["the password must be a string"]
+        return ["a string"]
     problems = []
     if len(password) < MIN_PASSWORD:
         problems.append(f"at least {MIN_PASSWORD} characters")
     if len(password) > MAX_PASSWORD:
         problems.append(f"at most {MAX_PASSWORD} characters")
-    if username and password.lower() == username.lower():
+    if not password.strip():
+        problems.append("more than spaces")
+    elif username and password.strip().lower() == username.lower():
         problems.append("not the username")
+    if not problems:
+        weak = strength_problem(password, username)
+        if weak:
+            problems.append(weak)
     return problems
+
+
+def strength_problem(password: str, username: str | None = None) -> str | None:
+    """Why zxcvbn finds ``password`` easy to guess (score below ``MIN_STRENGTH``), else None.
+
+    zxcvbn matches dictionary words and common passwords (the frequency lists it
+    ships), repeats, sequences, keyboard patterns and dates, and estimates the
+    guesses an attacker needs; the username and "idvault" count as known words.
+    It reads at most ``STRENGTH_PREFIX`` characters: a longer password is judged
+    by its start, which can only make it look weaker than it is.
+    """
+    inputs = [w for w in (username, "idvault") if w]
+    result = zxcvbn(password[:STRENGTH_PREFIX], user_inputs=inputs,
+                    max_length=STRENGTH_PREFIX)
+    if result["score"] >= MIN_STRENGTH:
+        return None
+    feedback = result.get("feedback") or {}
+    why = (feedback.get("warning") or "it follows a pattern that is easy to guess").rstrip(".")
+    advice = " ".join(feedback.get("suggestions") or [])
+    return (f"harder to guess: {why[:1].lower() + why[1:]}. {advice + ' ' if advice else ''}"
+            "A few unrelated words, or a password manager's random password, work well")
 
 
 def validate_password(password: object, username: str | None = None) -> str:
@@ -80,9 +115,15 @@ def validate_password(password: object, username: str | None = None) -> str:
     return password  # type: ignore[return-value]
 
 
-def generate_password() -> str:
-    """A random password of 20 URL-safe characters (~120 bits)."""
-    return secrets.token_urlsafe(15)
+def generate_password(username: str | None = None) -> str:
+    """A random password of 20 URL-safe characters (~120 bits) that passes the policy.
+
+    Random characters pass it at once; the loop only rules out a freak draw
+    (one that happens to spell the username, say)."""
+    while True:
+        password = secrets.token_urlsafe(15)
+        if not password_problems(password, username):
+            return password
 
 
 def hash_password(password: str) -> str:
@@ -117,7 +158,7 @@ def create_user(session: Session, username: str, password: str | None = None, *,
     validate_username(username)
     generated = None
     if password is None:
-        password = generated = generate_password()
+        password = generated = generate_password(username)
     else:
         validate_password(password, username)
     if session.scalar(select(User.id).where(User.username == username)) is not None:
@@ -155,7 +196,7 @@ def set_password(session: Session, username: str, password: str | None = None, *
     user = get_user(session, username)
     generated = None
     if password is None:
-        password = generated = generate_password()
+        password = generated = generate_password(username)
     else:
         validate_password(password, username)
     user.password_hash = hash_password(password)

@@ -81,7 +81,7 @@ class ConsentRequest:
             problems.append(f"'purposes' must be a non-empty list from: {', '.join(PURPOSES)}")
             purposes = []
         else:
-            bad = [p for p in purposes if p not in PURPOSES]
+            bad = [p for p in purposes if not isinstance(p, str) or p not in PURPOSES]
             if bad:
                 problems.append(f"unknown purpose(s) {bad}; purposes are: {', '.join(PURPOSES)}")
             if "enroll" not in purposes:

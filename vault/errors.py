@@ -127,6 +127,14 @@ class DecryptionError(IntegrityError):
     code = "decryption_failed"
 
 
+class RecordTampered(IntegrityError):
+    """An identity's rows (handle, status, consent records) differ from its record seal
+    (``vault.record_seal``): they were changed outside idvault. The message names the
+    identity and what changed; the HTTP layer shows it (409), unlike other 500s."""
+
+    code = "record_tampered"
+
+
 class AuditChainBroken(IntegrityError):
     code = "audit_chain_broken"
 

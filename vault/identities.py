@@ -97,9 +97,19 @@ def get_identities(session: Session, handles: Sequence[Handle | str]) -> list[Id
     return [found[h] for h in hs]
 
 
+def refuse_erasing(identity: Identity) -> None:
+    """Conflict when ``identity`` is being erased (an erasure began and has not finished):
+    it is never used again, whatever its consent says."""
+    if identity.status == "erasing":
+        raise Conflict(f"{identity.handle} is being erased and cannot be used; "
+                       f"`idvault identity delete {identity.handle}` finishes the erasure")
+
+
 def check_usable(identity: Identity, purpose: str) -> None:
-    """Raise unless ``identity`` may be used for ``purpose`` now: not held for review
-    (Conflict), and consent granting it (the ConsentError subclasses)."""
+    """Raise unless ``identity`` may be used for ``purpose`` now: not being erased nor held
+    for review (Conflict), and consent granting it (the ConsentError subclasses). Reading
+    ``identity.consent`` verifies the identity's record seal first (RecordTampered)."""
+    refuse_erasing(identity)
     if identity.status == "held":
         raise Conflict(f"{identity.handle} is held for review and cannot be used until the "
                        "review is decided (`idvault review list`)")
@@ -110,7 +120,8 @@ def enrollment_target(session: Session, handle: Handle | str, *, consent_given: 
                       lock: bool = False) -> Identity | None:
     """The identity an enrollment of ``handle`` adds photos to (None: a new one), or the
     refusal: a new identity needs a consent record, an existing one takes none, must have
-    consent granting ``enroll`` and must not be held for review. The owner must exist."""
+    consent granting ``enroll`` (its record seal verified, as ``Identity.consent`` does)
+    and must not be held for review. The owner must exist."""
     h = Handle.parse(str(handle))
     get_owner(session, h.owner)
     try:
@@ -124,6 +135,7 @@ def enrollment_target(session: Session, handle: Handle | str, *, consent_given: 
         raise InvalidInput(f"{h} already exists with its consent record; adding photos "
                            "takes no new consent (omit --consent)")
     if existing is not None:
+        refuse_erasing(existing)
         consent.check_use(existing.consent, "enroll")
         if existing.status == "held":
             raise Conflict(f"{h} is held for review; accept or reject it first "
@@ -180,7 +192,8 @@ def describe_identity(identity: Identity, *, today: dt.date | None = None) -> di
         "owner_kind": identity.owner.kind,
         "status": identity.status,
         "created_at": identity.created_at.isoformat(),
-        "consent": consent.describe(identity.consent),
+        # display only (a listing is no use of the identity): as stored, unverified
+        "consent": consent.describe(identity.latest_consent()),
         "artifacts": [describe_artifact(a) for a in sorted(identity.artifacts,
                                                            key=lambda a: (a.kind, a.model_id))],
     }

@@ -87,6 +87,9 @@ class JobKind:
     ``preflight(vault, owner, params)`` checks the params against the vault at
     submission (e.g. that the identities a prompt names are the owner's and
     consent), so a job that cannot run is refused at once; the run checks again.
+    ``local_preflight(queue, params)`` checks, at submission, what this process
+    needs to run the job itself (e.g. model files); it is skipped when the queue
+    dispatches jobs to workers, which hold their own models.
     ``queue`` is where a scale-out deployment runs it: ``gpu`` or ``cpu``, or a
     function of the params saying which. ``time_limit``: seconds a run may take;
     past it the job stops at its next progress report and fails.
@@ -100,6 +103,7 @@ class JobKind:
     needs_identity: bool = False
     trusted_params: bool = False
     preflight: Callable[[object, str, dict], None] | None = None
+    local_preflight: Callable[[object, dict], None] | None = None
     queue: str | Callable[[dict], str] = "cpu"
     time_limit: float = 3600.0
 
@@ -242,6 +246,8 @@ class JobQueue:
             raise InvalidInput(f"a {kind} job needs an identity")
         if spec.preflight is not None:
             spec.preflight(self.vault, owner, params)
+        if spec.local_preflight is not None and self.dispatch is None:
+            spec.local_preflight(self, params)
         with self.vault.session() as s:
             owner_row = identities.get_owner(s, owner)
             identity_id = None
@@ -598,6 +604,7 @@ class JobQueue:
                     last_recover = now
                 if now - last_sweep > SWEEP_EVERY_SECONDS:
                     staged_photos.sweep(self.vault)  # orphans of a crash mid-submit
+                    self.vault.sweep_orphan_keys()  # data keys of enrollments killed early
                     last_sweep = now
                 if self.run_one() is not None:
                     continue

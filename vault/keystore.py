@@ -5,6 +5,9 @@ DEK crypto-shreds every copy of that identity's ciphertext, backups of the
 data database included. Also holds the vault's Ed25519 signing key (erasure
 receipts, provenance) wrapped the same way.
 
+The key that seals identity records (:mod:`vault.record_seal`) is derived from
+the signing key (:meth:`KeyStore.record_key`), so it too lives only here.
+
 Wrapped keys are tokens of :mod:`vault.crypto` whose header carries the vault
 id and the KEK version, so unwrapping looks the KEK up directly. Each KEK
 version has a check value (an HMAC of a constant) so a wrong key file is
@@ -15,6 +18,7 @@ and a re-run finishes it.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import re
@@ -26,7 +30,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sqlalchemy import Engine, String, any_, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -40,6 +46,7 @@ from vault.keyprovider import KeyProvider
 from vault.keystore_models import DataKey, KekVersion, KeystoreMeta, SigningKey
 
 _CHECK_LABEL = b"idvault kek check v1"
+RECORD_KEY_INFO = b"idvault identity record seal v1"
 SIGNING_PURPOSE = "vault"
 # str(uuid.UUID(x)) == x exactly for these, so a row's key id text can go in the context.
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -74,6 +81,7 @@ class KeyStore:
         self._on_cache = on_cache
         self._lock = threading.Lock()
         self._vault_id: uuid.UUID | None = None
+        self._record_key: bytes | None = None
 
     @contextmanager
     def _session(self, *, read_only: bool = False) -> Iterator[Session]:
@@ -110,6 +118,20 @@ class KeyStore:
                 raise KeyUnavailable("the key store is empty: run `idvault init`")
             self._vault_id = uuid.UUID(row.value)
         return self._vault_id
+
+    def get_meta(self, key: str) -> str | None:
+        """A fact recorded in the key store's meta table (None: not recorded)."""
+        with self._session(read_only=True) as s:
+            row = s.get(KeystoreMeta, key)
+            return None if row is None else row.value
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._session() as s:
+            row = s.get(KeystoreMeta, key)
+            if row is None:
+                s.add(KeystoreMeta(key=key, value=value))
+            else:
+                row.value = value
 
     def check(self) -> int:
         """Verify that the active KEK is available and right; its version."""
@@ -257,6 +279,18 @@ class KeyStore:
             s.delete(row)
         return key_id
 
+    def key_id_of(self, identity_uid: str) -> str | None:
+        """The key id of an identity's data key, or None when it has none (nothing is
+        unwrapped: an erasure records which key it is about to shred)."""
+        with self._session(read_only=True) as s:
+            return s.scalar(select(DataKey.key_id).where(DataKey.identity_uid == identity_uid))
+
+    def dek_created(self) -> dict[str, dt.datetime]:
+        """``identity uid -> when its data key was made``, for every data key (the orphan
+        sweep: an enrollment makes its key before its identity row)."""
+        with self._session(read_only=True) as s:
+            return dict(s.execute(select(DataKey.identity_uid, DataKey.created_at)).all())
+
     def count_deks(self) -> int:
         with self._session(read_only=True) as s:
             return s.scalar(select(func.count()).select_from(DataKey)) or 0
@@ -302,9 +336,47 @@ class KeyStore:
         )
         return key_id, public, private.sign(message)
 
+    def check_signing(self) -> uuid.UUID:
+        """Sign and verify a probe with the vault's signing key; its key id. An erasure
+        calls this before erasing anything, so a broken key refuses the erasure instead
+        of leaving it without its receipt. IntegrityError (or KeyUnavailable) if not."""
+        probe = b"idvault signing-key check " + uuid.uuid4().bytes
+        try:
+            key_id, public, signature = self.sign(probe)
+        except DecryptionError:
+            raise IntegrityError("the vault's signing key failed authentication: its key "
+                                 "store row is corrupt or was altered; nothing was erased"
+                                 ) from None
+        except ValueError:
+            raise IntegrityError("the vault's signing key is malformed in the key store; "
+                                 "nothing was erased") from None
+        if not self.verify_signature(public, probe, signature):
+            raise IntegrityError("the vault's signing key does not match its public key in "
+                                 "the key store (a row was altered); nothing was erased")
+        return key_id
+
     def public_key(self) -> tuple[uuid.UUID, bytes]:
         key_id, public, _ = self._signing_row()
         return key_id, public
+
+    def record_key(self) -> bytes:
+        """The key that seals identity records (``vault.record_seal``), cached.
+
+        Derived with HKDF-SHA256 from the vault's Ed25519 signing private key (salt: the
+        vault id, info: ``RECORD_KEY_INFO``), so it lives only where that key does: in
+        this key store, wrapped under the KEK, never in the data database. HKDF with its
+        own label separates it from the signing use: the derived key reveals nothing of
+        the private key, and no signature is ever an AES key. A KEK rotation re-wraps
+        the signing key but does not change it, so the record key (and every seal) stays
+        valid; nothing revokes it, so caching it for the life of this object is safe.
+        """
+        if self._record_key is None:
+            key_id, _, wrapped = self._signing_row()
+            secret = self._unwrap(wrapped, _signing_context(key_id))
+            self._record_key = HKDF(algorithm=hashes.SHA256(), length=crypto.KEY_BYTES,
+                                    salt=self.vault_id.bytes,
+                                    info=RECORD_KEY_INFO).derive(secret)
+        return self._record_key
 
     @staticmethod
     def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> bool:

@@ -1,9 +1,10 @@
 """SQLAlchemy models of the key store, a database apart from the data.
 
 Holds per-identity data keys (DEKs) wrapped under the key-encryption key
-(KEK), the KEK versions' check values, and the vault's wrapped Ed25519
-signing key. Deleting a DEK row here is what crypto-shreds an identity: every
-copy of the data database, backups included, becomes unreadable.
+(KEK), the KEK versions' check values, the vault's wrapped Ed25519
+signing key, and signed checkpoints of the audit chain's head. Deleting a DEK
+row here is what crypto-shreds an identity: every copy of the data database,
+backups included, becomes unreadable.
 """
 
 from __future__ import annotations
@@ -64,3 +65,20 @@ class SigningKey(KeystoreBase):
     kek_version: Mapped[int] = mapped_column(Integer, index=True)
     wrapped_private: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AuditCheckpoint(KeystoreBase):
+    """A signed (seq, hash) of the audit chain's head, kept apart from the chain.
+
+    ``slot`` 0 is the newest checkpoint (overwritten, only ever forward); slot ``n`` > 0 keeps
+    the first checkpoint written at or past event ``n * HISTORY_EVERY`` (vault.audit_anchor),
+    so the key store grows by one row per thousand events, not one per event.
+    """
+
+    __tablename__ = "audit_checkpoints"
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    key_id: Mapped[str] = mapped_column(String(36))
+    signature: Mapped[bytes] = mapped_column(LargeBinary)

@@ -33,6 +33,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from vault import record_seal
+from vault.errors import RecordTampered
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -80,7 +83,7 @@ class Base(DeclarativeBase):
 
 OWNER_KINDS = ("family", "studio")
 ERASE_POLICIES = ("immediate", "retain")
-IDENTITY_STATUSES = ("active", "held", "withdrawn")
+IDENTITY_STATUSES = ("active", "held", "withdrawn", "erasing")
 REVIEW_STATUSES = ("pending", "accepted", "rejected")
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 DEDUPE_OPS = ("add", "remove")
@@ -113,17 +116,21 @@ class Identity(Base):
     __tablename__ = "identities"
     __table_args__ = (
         UniqueConstraint("owner_id", "name", name="uq_identities_owner_name"),
-        CheckConstraint("status IN ('active', 'held', 'withdrawn')", name="status"),
+        CheckConstraint("status IN ('active', 'held', 'withdrawn', 'erasing')", name="status"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     uid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uid)
     owner_id: Mapped[int] = mapped_column(ForeignKey("owners.id", ondelete="RESTRICT"), index=True)
     name: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16), default="active")
+    # indexed: opening the vault looks for erasures a crash left unfinished (``erasing``)
+    status: Mapped[str] = mapped_column(String(16), default="active", index=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(
         UTCDateTime(), default=utcnow, onupdate=utcnow
     )
+    # The identity's record (handle, status, consent records) sealed under the key
+    # store's record key (vault.record_seal); NULL only before a pre-0005 vault's first open.
+    seal: Mapped[bytes | None] = mapped_column(LargeBinary)
 
     owner: Mapped[Owner] = relationship(back_populates="identities")
     consents: Mapped[list[Consent]] = relationship(
@@ -139,7 +146,19 @@ class Identity(Base):
 
     @property
     def consent(self) -> Consent:
-        """The current consent record (the newest)."""
+        """The current consent record (the newest), for a gate: the identity's record seal
+        is verified first (``vault.record_seal.check``), and an identity without a consent
+        record is an integrity error, never an IndexError."""
+        record_seal.check(self)
+        return self.latest_consent()
+
+    def latest_consent(self) -> Consent:
+        """The newest consent record as stored, unverified: for display only (listings),
+        never for a decision."""
+        if not self.consents:
+            raise RecordTampered(
+                f"identity {self.handle} ({self.uid}) has no consent record: it was removed "
+                "outside idvault", handle=self.handle, identity=self.uid)
         return self.consents[-1]
 
 
@@ -186,7 +205,9 @@ class Artifact(Base):
     size: Mapped[int] = mapped_column(Integer)  # plaintext payload bytes
     sha256: Mapped[str] = mapped_column(String(64))  # of the plaintext payload
     shapes: Mapped[dict] = mapped_column(JSON)  # tensor name -> shape; no values
-    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    # Deferred: listings and describes never load it (one corrupt ciphertext must not
+    # break a roster); decrypting reads fetch it (Vault._ciphertexts).
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     identity: Mapped[Identity] = relationship(back_populates="artifacts")
@@ -220,6 +241,26 @@ class NotSamePair(Base):
     identity_a: Mapped[int] = mapped_column(ForeignKey("identities.id", ondelete="CASCADE"))
     identity_b: Mapped[int] = mapped_column(ForeignKey("identities.id", ondelete="CASCADE"))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ErasureReceipt(Base):
+    """One erasure: requested (the identity is ``erasing``), then completed with its signed
+    receipt, written in the transaction that deletes the identity's rows (migration 0006).
+
+    Outlives the identity so the receipt can be issued again. Holds no biometric data:
+    ids, kinds, digests and the handle, as the receipt itself.
+    """
+
+    __tablename__ = "erasure_receipts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    identity_uid: Mapped[str] = mapped_column(String(36), unique=True)
+    handle: Mapped[str] = mapped_column(String(80), index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(128))
+    data_key_id: Mapped[str | None] = mapped_column(String(36))  # read when erasure began
+    requested_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    receipt: Mapped[dict | None] = mapped_column(JSON)  # the signed receipt, once completed
 
 
 class Review(Base):
@@ -406,3 +447,23 @@ class DedupeChange(Base):
     identity_id: Mapped[int] = mapped_column(Integer)  # no foreign key: a removal outlives it
     op: Mapped[str] = mapped_column(String(8))
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+# -- login throttle (migration 0007) ------------------------------------------------------
+class LoginAttempt(Base):
+    """Recent failed sign-ins of one account from one client address (``vault.login_throttle``).
+
+    ``account`` is the lower-cased username as typed (unknown names too), or
+    ``*ADDRESS`` for the address's failures across every account (upper case: no typed
+    name is counted as it).
+    """
+
+    __tablename__ = "login_attempts"
+    account: Mapped[str] = mapped_column(String(64), primary_key=True)
+    address: Mapped[str] = mapped_column(String(64), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)  # since window_start
+    lockouts: Mapped[int] = mapped_column(Integer, default=0)  # each lock doubles the next
+    window_start: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # Forgotten (deleted) after this: the index keeps the pruning a range delete.
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)

@@ -34,6 +34,7 @@ from vault import audit, crypto, identities
 from vault.errors import InvalidInput, NotFound
 from vault.handles import Handle, parse_uid
 from vault.models import Job
+from vault.private_files import private_dir, write_private
 
 STAGED = "staged"
 MAX_PHOTOS = 32
@@ -112,15 +113,14 @@ def stage(vault, handle: str | Handle, photos: list[bytes], *, names: list[str],
     stage_id = uuid.uuid4().hex
     folder = _dir(vault, uid, stage_id)
     key_id, dek = vault.keys.get_or_create_dek(uid)
-    folder.mkdir(parents=True, mode=0o700)
+    private_dir(folder)  # and staged/ and staged/<identity> above it: 0700
     digests = []
     try:
         for i, data in enumerate(photos):
             sealed = crypto.seal(dek, bytes(data), key_id=key_id, key_version=1,
                                  context=_context(vault, uid, stage_id, i))
             path = folder / f"{i}.sealed"
-            path.write_bytes(sealed)
-            path.chmod(0o600)
+            write_private(path, sealed)
             digests.append(hashlib.sha256(sealed).hexdigest())
         with vault.session() as s:
             audit.append(s, "photos.stage", actor=actor, owner=h.owner, subject=str(h),
@@ -177,6 +177,16 @@ def discard_identity(vault, identity_uid: str) -> None:
     """Remove every stage of an identity (its erasure; the DEK is already shredded)."""
     if _UID.match(identity_uid):
         shutil.rmtree(_root(vault) / identity_uid, ignore_errors=True)
+
+
+def staged_uids(vault) -> set[str]:
+    """The identity uids that have a staging folder: their data keys seal photos that a
+    job may still need, even while no identity row has that uid yet (the orphan-key
+    sweep keeps them)."""
+    root = _root(vault)
+    if not root.is_dir():
+        return set()
+    return {d.name for d in root.iterdir() if d.is_dir() and _UID.match(d.name)}
 
 
 def stage_id(params: object) -> str | None:

@@ -19,25 +19,28 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import delete, select
+from sqlalchemy import LargeBinary, cast, delete, select
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session, selectinload
 
 from vault import (
     audit,
+    audit_anchor,
     codec,
     crypto,
     db,
     dedupe_log,
     generated_images,
     identities,
+    record_seal,
     staged_photos,
 )
 from vault.cache_sweeper import CacheSweeper
@@ -55,6 +58,7 @@ from vault.errors import (
     KeyUnavailable,
     NotFound,
     PhotoRejected,
+    RecordTampered,
     SignatureInvalid,
     VaultError,
 )
@@ -63,6 +67,9 @@ from vault.keyprovider import FileKeyProvider, provider_for
 from vault.keystore import KeyStore, RotationReport
 from vault.models import (
     Artifact,
+    AuditEvent,
+    AuditHead,
+    ErasureReceipt,
     Identity,
     Job,
     NotSamePair,
@@ -73,7 +80,14 @@ from vault.models import (
 )
 
 RECEIPT_TYPE = "idvault.erasure-receipt/1"
+# Key-store meta: when this vault's identity rows were first sealed (vault.record_seal).
+RECORDS_SEALED_MARKER = "records_sealed_at"
 PER_PHOTO_KINDS = ("photomaker",)  # artifacts that grow when photos are added
+# A data key younger than this without an identity row may be an enrollment in flight
+# (it makes its key before its identity row): the orphan sweep leaves it.
+ORPHAN_KEY_GRACE_SECONDS = 3600.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,19 @@ class EnrollmentResult:
     top_match: dict | None  # closest other identity: handle, score, decision
     review_id: int | None
     photos_added: int
+
+
+@dataclass(frozen=True)
+class _Erasure:
+    """An erasure under way: what its first transaction recorded."""
+
+    uid: str
+    identity_id: int
+    owner_id: int
+    handle: Handle
+    reason: str
+    actor: str
+    key_id: str | None
 
 
 @dataclass(frozen=True)
@@ -121,6 +148,7 @@ class Vault:
         self.index = DedupeIndex(block=settings.dedupe_block, review=settings.dedupe_review,
                                  index_type=settings.dedupe_index)
         self.dedupe = IndexSync(self)
+        self.records = record_seal.RecordSealer(self.keys)
         self._vault_id: uuid.UUID | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -160,12 +188,18 @@ class Vault:
             vault.provider.initialise()
         vault_id = uuid.uuid4()
         vault.keys.initialise(vault_id)
+        # until the genesis event's checkpoint is written: a crash before then is not a
+        # deletion of checkpoints, and the next open anchors the head
+        audit_anchor.mark_pending(vault.keys)
+        # a new vault has no unsealed rows: from now on a NULL seal is an integrity error
+        vault.keys.set_meta(RECORDS_SEALED_MARKER, audit.canonical_time(utcnow()))
         with vault.session() as s:
             s.add(VaultMeta(key="vault_id", value=str(vault_id)))
             audit.ensure_head(s)
             audit.append(s, "vault.init", actor=actor or _actor(),
                          details={"vault": str(vault_id), "key_provider": vault.provider.name})
         vault._vault_id = vault_id
+        vault._anchor_audit_head()
         return vault
 
     @classmethod
@@ -195,7 +229,28 @@ class Vault:
                                  "differs); point IDVAULT_KEYSTORE_URL at this vault's")
         if check_keys:
             vault.keys.check()
+            vault._anchor_audit_head()
+            vault._seal_unsealed_records()
+            vault.finish_interrupted_erasures()
         return vault
+
+    def _seal_unsealed_records(self) -> None:
+        """Seal, once, the identity rows of a vault made before record seals (migration
+        0005 adds the column empty): authenticated as they are now, with the operator's
+        key. The key store then records that it was done, so that afterwards a NULL seal
+        is an integrity error (nulling a tampered row's seal must not get it resealed)."""
+        if self.keys.get_meta(RECORDS_SEALED_MARKER) is not None:
+            return
+        with self.session() as s:
+            rows = list(s.scalars(select(Identity).where(Identity.seal.is_(None))
+                                  .order_by(Identity.id)
+                                  .options(selectinload(Identity.consents),
+                                           selectinload(Identity.owner))))
+            for identity in rows:
+                self._reseal(s, identity)
+            audit.append(s, "records.seal", actor=_actor(),
+                         details={"count": len(rows)})
+        self.keys.set_meta(RECORDS_SEALED_MARKER, audit.canonical_time(utcnow()))
 
     def dispose(self) -> None:
         self.caches.stop()
@@ -228,11 +283,27 @@ class Vault:
     def session(self, *, read_only: bool = False) -> Iterator[Session]:
         """A transaction on the data database: committed on success.
 
-        ``read_only`` transactions do not take SQLite's write lock up front.
+        ``read_only`` transactions do not take SQLite's write lock up front. After a
+        commit that appended audit events, the new head is signed into the key store
+        (vault.audit_anchor); every writer of audit events goes through here.
         """
         bind = self.engine.execution_options(**{db.READ_ONLY: True}) if read_only else self.engine
-        with Session(bind, expire_on_commit=False) as s, s.begin():
-            yield s
+        with Session(bind, expire_on_commit=False,
+                     info={record_seal.SESSION_KEY: self.records}) as s:
+            with s.begin():
+                yield s
+            head = s.info.get(audit.HEAD_INFO)
+        if head is not None:  # committed events: sign the new head into the key store
+            audit_anchor.record_quietly(self.keys, *head)
+
+    def _reseal(self, session: Session, identity: Identity) -> None:
+        """Seal ``identity``'s record as it is now (``vault.record_seal``), before the
+        commit of every legitimate change of its handle, status or consent records.
+        Flushes first: uids and times are given at flush. It does not verify the old
+        record (a path that changes a record reads ``identity.consent`` first, which
+        does; erasure must work on a tampered identity)."""
+        session.flush()
+        self.records.seal(identity)
 
     # -- owners and identities ------------------------------------------------------
     def add_owner(self, name: str, kind: str, *, erase_policy: str = "immediate",
@@ -252,6 +323,7 @@ class Vault:
         try:
             with self.session() as s:
                 identity = identities.create_identity(s, h, request, actor=actor or _actor())
+                self._reseal(s, identity)
                 return identities.describe_identity(identity)
         except SAIntegrityError:
             raise AlreadyExists(f"identity {h} already exists") from None
@@ -278,7 +350,21 @@ class Vault:
                            context=self._context(identity.owner.name, identity.uid, artifact_id,
                                                  kind, model_id))
 
-    def _open_artifact(self, identity: Identity, row: Artifact) -> bytes:
+    @staticmethod
+    def _ciphertexts(session: Session, artifact_ids: Sequence[str]) -> dict[str, bytes]:
+        """The stored tokens of these artifacts, in one query. Read as BLOB: a value
+        written over the column as TEXT (not even valid UTF-8) comes back as bytes and
+        then fails authentication, instead of failing to decode."""
+        return dict(session.execute(
+            select(Artifact.id, cast(Artifact.ciphertext, LargeBinary))
+            .where(Artifact.id.in_(list(artifact_ids)))).all())
+
+    def _open_artifact(self, identity: Identity, row: Artifact,
+                       token: bytes | None = None) -> bytes:
+        if token is None:
+            session = object_session(row)
+            token = (self._ciphertexts(session, [row.id]).get(row.id, b"")
+                     if session is not None else row.ciphertext)
         try:
             key_id, dek = self.keys.dek(identity.uid)
         except NotFound:
@@ -286,14 +372,20 @@ class Vault:
                 f"artifact {row.id} of {identity.handle} cannot be decrypted: the identity's "
                 "data key is gone (it was erased, or this key store belongs to another copy)"
             ) from None
-        header = crypto.read_header(row.ciphertext)
+        try:
+            header = crypto.read_header(token)
+        except DecryptionError as exc:
+            raise DecryptionError(f"artifact {row.id} of {identity.handle}: {exc}") from None
         if header.key_id != key_id:
             raise DecryptionError(
                 f"artifact {row.id} of {identity.handle} was sealed under another key "
                 "(the ciphertext was moved from another identity)")
-        return crypto.open_token(dek, row.ciphertext,
-                                 context=self._context(identity.owner.name, identity.uid, row.id,
-                                                     row.kind, row.model_id))
+        try:
+            return crypto.open_token(dek, token,
+                                     context=self._context(identity.owner.name, identity.uid,
+                                                           row.id, row.kind, row.model_id))
+        except DecryptionError as exc:
+            raise DecryptionError(f"artifact {row.id} of {identity.handle}: {exc}") from None
 
     def put_artifact(self, handle: str, kind: str, payload: bytes, *,
                      actor: str | None = None,
@@ -308,6 +400,7 @@ class Vault:
             if kind == "face":  # the owner's lock first, as every dedupe writer
                 dedupe_log.lock_owner(s, identities.get_owner(s, h.owner).id)
             identity = identities.get_identity(s, h, lock=True)
+            identities.refuse_erasing(identity)
             check_use(identity.consent, "enroll")
             stored = self._store(s, identity, decoded, payload, actor=actor or _actor())
             if kind == "face":
@@ -333,6 +426,7 @@ class Vault:
         actor = actor or _actor()
         with self.session() as s:
             identity = identities.get_identity(s, Handle.parse(handle), lock=True)
+            identities.refuse_erasing(identity)
             check_use(identity.consent, "enroll")
             if not replace:
                 held = {(a.kind, a.model_id): a.id for a in identity.artifacts}
@@ -398,6 +492,7 @@ class Vault:
             chosen = []
             people = identities.get_identities(s, [handle for handle, _, _ in wanted])
             for identity, (_, kind, model_id) in zip(people, wanted, strict=True):
+                identities.refuse_erasing(identity)
                 check_use(identity.consent, purpose)
                 rows = [a for a in identity.artifacts if a.kind == kind
                         and (model_id is None or a.model_id == model_id)]
@@ -410,8 +505,9 @@ class Vault:
                         f"model id: {', '.join(sorted(a.model_id for a in rows))}")
                 chosen.append((identity, rows[0]))
             opened, events = [], []
+            tokens = self._ciphertexts(s, [row.id for _, row in chosen])
             for identity, row in chosen:
-                payload = self._open_artifact(identity, row)
+                payload = self._open_artifact(identity, row, tokens.get(row.id, b""))
                 decoded = codec.decode(payload, kind=row.kind)
                 events.append(audit.Event(
                     "artifact.read", actor or _actor(), identity.owner.name, identity.handle,
@@ -544,6 +640,7 @@ class Vault:
                                                       uid=uid)
                 status = "held" if top_match and top_match["decision"] == "review" else "active"
                 identity.status = status
+                self._reseal(s, identity)
                 payload, added = face, len(decoded.tensors["normed"])
             else:
                 identity, status = existing, "updated"
@@ -642,7 +739,9 @@ class Vault:
                          details={"review": review_id, "candidate": review.candidate_handle,
                                   "score": review.score})
             if accept:
+                self.records.verify(identity)  # before the change: never reseal a tampered row
                 identity.status = "active"
+                self._reseal(s, identity)
                 if review.candidate_id is not None:
                     identities.record_not_same(s, review.handle, review.candidate_handle,
                                                actor=actor)
@@ -660,15 +759,21 @@ class Vault:
             dedupe_log.lock_owner(s, identities.get_owner(s, h.owner).id)
             identity = identities.get_identity(s, h, lock=True)
             record = identity.consent
-            if record.withdrawn_at is not None:
-                raise AlreadyExists(f"consent for {identity.handle} was already withdrawn")
-            record.withdrawn_at, record.withdrawal_reason = utcnow(), reason
-            identity.status = "withdrawn"
             policy = identity.owner.erase_policy
-            audit.append(s, "consent.withdraw", actor=actor or _actor(),
-                         owner=identity.owner.name, subject=identity.handle,
-                         details={"consent": record.uid, "erase_policy": policy})
-            dedupe_log.record(s, identity.owner_id, identity.id, "remove")
+            # Withdrawn already: a re-run after a crash between the withdrawal's commit and
+            # its erasure goes on to erase (immediate policy); otherwise nothing to do.
+            rerun = record.withdrawn_at is not None
+            if rerun and policy != "immediate":
+                raise AlreadyExists(f"consent for {identity.handle} was already withdrawn")
+            if not rerun:
+                identities.refuse_erasing(identity)
+                record.withdrawn_at, record.withdrawal_reason = utcnow(), reason
+                identity.status = "withdrawn"
+                self._reseal(s, identity)
+                audit.append(s, "consent.withdraw", actor=actor or _actor(),
+                             owner=identity.owner.name, subject=identity.handle,
+                             details={"consent": record.uid, "erase_policy": policy})
+                dedupe_log.record(s, identity.owner_id, identity.id, "remove")
             owner_id, identity_id = identity.owner_id, identity.id
         self.index.remove(owner_id, identity_id)  # this process at once; others at catch-up
         result: dict = {"handle": str(Handle.parse(handle)), "withdrawn": True,
@@ -681,11 +786,23 @@ class Vault:
     def sweep_retention(self, *, today: dt.date | None = None, actor: str | None = None,
                         owner: str | None = None) -> list[dict]:
         """Erase identities (of ``owner``, or every owner's) whose consent's retention date
-        has passed."""
+        has passed. The date is the sealed one: a record edited outside idvault is still
+        erased when its sealed consent has expired (an SQL edit cannot extend retention),
+        and kept otherwise (its next use is refused); one whose seal cannot be opened is
+        left for an operator."""
         today = today or dt.date.today()
         with self.session() as s:
-            due = [i.handle for i in identities.list_identities(s, owner, limit=10**9)
-                   if i.consent.retain_until < today]
+            due = []
+            for i in identities.list_identities(s, owner, limit=10**9):
+                try:
+                    until = i.consent.retain_until
+                except RecordTampered:
+                    sealed = self.records.sealed_record(i)
+                    if sealed is None or not sealed.get("consents"):
+                        continue
+                    until = dt.date.fromisoformat(sealed["consents"][-1]["retain_until"])
+                if until < today:
+                    due.append(i.handle)
         return [self.delete_identity(h, actor=actor, reason="retention period ended")
                 for h in due]
 
@@ -693,45 +810,173 @@ class Vault:
     def delete_identity(self, handle: str, *, actor: str | None = None,
                         reason: str = "requested") -> dict:
         """Crypto-shred, then delete every row and the stored generated images that show
-        the identity (:mod:`vault.generated_images`); returns a signed receipt."""
+        the identity (:mod:`vault.generated_images`); returns a signed receipt.
+
+        Crash-safe in this order: the signing key is checked (nothing is erased unless a
+        receipt can be signed); one transaction marks the identity ``erasing`` (refused
+        for every use from then on) and records the request in ``erasure_receipts``; the
+        data key is shredded; one transaction deletes the rows, appends the audit event
+        and stores the receipt, signed before the commit. A re-run (or the next
+        :meth:`open`) finishes an identity left ``erasing``; a re-run after completion
+        returns the stored receipt (:meth:`erasure_receipt`).
+        """
         h = Handle.parse(handle)
+        if self.identity_status(h) is None:
+            stored = self._completed_receipt(handle=str(h))
+            if stored is None:
+                raise NotFound(f"no identity {h}")
+            return stored
+        self.keys.check_signing()  # before anything is erased
+        return self._finish_erasure(self._begin_erasure(h, actor=actor or _actor(),
+                                                        reason=reason))
+
+    def identity_status(self, handle: str | Handle) -> str | None:
+        """The status of the identity at ``handle``, None when there is none. Reads no
+        consent and checks no seal: erasure must work on any identity."""
+        h = Handle.parse(str(handle))
+        with self.session(read_only=True) as s:
+            return s.scalar(select(Identity.status).join(Owner).where(
+                Owner.name == h.owner, Identity.name == h.name))
+
+    def _begin_erasure(self, h: Handle, *, actor: str, reason: str) -> _Erasure:
+        """Mark the identity ``erasing`` and record the request (its reason, actor and data
+        key id, which a run that finishes it after a crash uses); committed."""
         with self.session() as s:
-            identity = identities.get_identity(s, h)
-            uid, identity_id, owner_id = identity.uid, identity.id, identity.owner_id
-            artifacts = [{"id": a.id, "kind": a.kind, "model_id": a.model_id, "sha256": a.sha256}
-                         for a in sorted(identity.artifacts, key=lambda a: a.id)]
-            consents = [c.uid for c in identity.consents]
-        key_id = self.keys.shred(uid)  # from here on, every copy is unreadable
-        staged_photos.discard_identity(self, uid)  # unreadable already; now gone too
-        removed = self.index.remove(owner_id, identity_id)
-        with self.session() as s:
-            dedupe_log.lock_owner(s, owner_id)
             identity = identities.get_identity(s, h, lock=True)
-            s.execute(delete(NotSamePair).where((NotSamePair.identity_a == identity_id)
-                                                | (NotSamePair.identity_b == identity_id)))
-            s.execute(delete(Job).where(Job.identity_id == identity_id))
-            s.delete(identity)
-            s.flush()
-            dedupe_log.record(s, owner_id, identity_id, "remove")
-            erased_at = utcnow()
-            images = generated_images.remove_showing(s, self.settings.data_dir, owner_id,
-                                                     str(h), reason=reason, now=erased_at)
-            event = audit.append(s, "identity.delete", actor=actor or _actor(), owner=h.owner,
-                                 subject=str(h),
-                                 details={"identity": uid, "artifacts": len(artifacts),
-                                          "data_key": key_id, "reason": reason,
-                                          "generated_images": len(images)})
-            seq = event.seq
+            row = s.scalar(select(ErasureReceipt)
+                           .where(ErasureReceipt.identity_uid == identity.uid))
+            if row is None:
+                row = ErasureReceipt(identity_uid=identity.uid, handle=str(h), reason=reason,
+                                     actor=actor, data_key_id=self.keys.key_id_of(identity.uid))
+                s.add(row)
+            if identity.status != "erasing":
+                identity.status = "erasing"
+                self._reseal(s, identity)
+            return _Erasure(identity.uid, identity.id, identity.owner_id, h, row.reason,
+                            row.actor, row.data_key_id)
+
+    def _finish_erasure(self, e: _Erasure) -> dict:
+        key_id = self.keys.shred(e.uid) or e.key_id  # from here on, every copy is unreadable
+        staged_photos.discard_identity(self, e.uid)  # unreadable already; now gone too
+        removed = self.index.remove(e.owner_id, e.identity_id)
+        signed = None
+        with self.session() as s:
+            dedupe_log.lock_owner(s, e.owner_id)
+            identity = s.scalar(select(Identity)
+                                .where(Identity.id == e.identity_id, Identity.uid == e.uid)
+                                .with_for_update()
+                                .options(selectinload(Identity.consents),
+                                         selectinload(Identity.artifacts)))
+            if identity is not None:
+                signed = self._erase_rows(s, identity, e, key_id, removed)
+        if signed is None:  # another process finished it meanwhile
+            stored = self._completed_receipt(uid=e.uid)
+            if stored is None:
+                raise NotFound(f"no identity {e.handle}")
+            return stored
         self._checkpoint()
+        return signed
+
+    def _erase_rows(self, s: Session, identity: Identity, e: _Erasure, key_id: str | None,
+                    removed: int) -> dict:
+        """Delete the identity's rows, audit, and store the signed receipt, all in ``s``."""
+        artifacts = [{"id": a.id, "kind": a.kind, "model_id": a.model_id, "sha256": a.sha256}
+                     for a in sorted(identity.artifacts, key=lambda a: a.id)]
+        consents = [c.uid for c in identity.consents]
+        s.execute(delete(NotSamePair).where((NotSamePair.identity_a == e.identity_id)
+                                            | (NotSamePair.identity_b == e.identity_id)))
+        s.execute(delete(Job).where(Job.identity_id == e.identity_id))
+        s.delete(identity)
+        s.flush()
+        dedupe_log.record(s, e.owner_id, e.identity_id, "remove")
+        erased_at = utcnow()
+        images = generated_images.remove_showing(s, self.settings.data_dir, e.owner_id,
+                                                 str(e.handle), reason=e.reason, now=erased_at)
+        # A key made since the first shred (nothing should make one) goes too; the
+        # receipt says whether any key of this identity is left, whichever run shredded it.
+        key_id = self.keys.shred(e.uid) or key_id
+        shredded = self.keys.key_id_of(e.uid) is None
+        event = audit.append(s, "identity.delete", actor=e.actor, owner=e.handle.owner,
+                             subject=str(e.handle),
+                             details={"identity": e.uid, "artifacts": len(artifacts),
+                                      "data_key": key_id, "reason": e.reason,
+                                      "generated_images": len(images)})
         receipt = {
-            "type": RECEIPT_TYPE, "vault": str(self.vault_id), "handle": str(h),
-            "identity": uid, "erased_at": audit.canonical_time(erased_at), "reason": reason,
-            "artifacts": artifacts, "consent_records": consents,
-            "data_key": {"key_id": key_id, "shredded": key_id is not None},
+            "type": RECEIPT_TYPE, "vault": str(self.vault_id), "handle": str(e.handle),
+            "identity": e.uid, "erased_at": audit.canonical_time(erased_at),
+            "reason": e.reason, "artifacts": artifacts, "consent_records": consents,
+            "data_key": {"key_id": key_id, "shredded": shredded},
             "index_vectors_removed": removed, "generated_images_removed": len(images),
-            "audit_seq": seq,
+            "audit_seq": event.seq,
         }
-        return self.sign_receipt(receipt)
+        # Signed before the commit and stored with it: a completed erasure has its receipt.
+        signed = self.sign_receipt(receipt)
+        row = s.scalar(select(ErasureReceipt).where(ErasureReceipt.identity_uid == e.uid))
+        if row is None:  # marked erasing by an older version, or by hand
+            row = ErasureReceipt(identity_uid=e.uid, handle=str(e.handle), reason=e.reason,
+                                 actor=e.actor, data_key_id=key_id)
+            s.add(row)
+        row.receipt, row.completed_at = signed, erased_at
+        return signed
+
+    def _completed_receipt(self, *, handle: str | None = None,
+                           uid: str | None = None) -> dict | None:
+        """The stored signed receipt of the newest completed erasure of ``handle`` (a
+        handle may be reused after an erasure) or of identity ``uid``."""
+        q = select(ErasureReceipt.receipt).where(ErasureReceipt.completed_at.is_not(None))
+        q = (q.where(ErasureReceipt.identity_uid == uid) if uid is not None
+             else q.where(ErasureReceipt.handle == handle))
+        with self.session(read_only=True) as s:
+            return s.scalar(q.order_by(ErasureReceipt.completed_at.desc(),
+                                       ErasureReceipt.id.desc()).limit(1))
+
+    def erasure_receipt(self, ref: str) -> dict:
+        """The signed receipt of a completed erasure, by handle (the newest erasure of that
+        handle) or identity uid, as stored when it completed. Conflict while the erasure
+        is unfinished; NotFound when nothing by that name was erased."""
+        try:
+            uid: str | None = parse_uid(ref)
+        except InvalidInput:
+            uid = None
+        h = None if uid is not None else Handle.parse(ref)
+        stored = (self._completed_receipt(uid=uid) if uid is not None
+                  else self._completed_receipt(handle=str(h)))
+        if stored is not None:
+            return stored
+        with self.session(read_only=True) as s:
+            q = select(Owner.name, Identity.name).join(Owner).where(Identity.status == "erasing")
+            q = (q.where(Identity.uid == uid) if uid is not None
+                 else q.where(Owner.name == h.owner, Identity.name == h.name))
+            pending = s.execute(q).first()
+        if pending is not None:
+            handle = f"{pending[0]}/{pending[1]}"
+            raise Conflict(f"the erasure of {handle} began and has not finished; "
+                           f"`idvault identity delete {handle}` finishes it and prints the "
+                           "receipt")
+        raise NotFound(f"no identity {ref}, and no erasure receipt for it")
+
+    def finish_interrupted_erasures(self, *, actor: str | None = None) -> list[dict]:
+        """Finish the erasures a crash interrupted: identities left ``erasing``, and
+        withdrawn ones whose owner erases at once (killed between the withdrawal and its
+        erasure). One indexed query when there are none (:meth:`open` calls this). Returns
+        the signed receipts; an erasure that cannot finish now (a broken signing key) is
+        logged and left for the next try."""
+        with self.session(read_only=True) as s:
+            due = s.execute(
+                select(Owner.name, Identity.name, Identity.status).join(Owner)
+                .where(Identity.status.in_(("erasing", "withdrawn")))
+                .where((Identity.status == "erasing") | (Owner.erase_policy == "immediate"))
+                .order_by(Identity.id)).all()
+        receipts = []
+        for owner, name, status in due:
+            handle = f"{owner}/{name}"
+            try:
+                receipts.append(self.delete_identity(
+                    handle, actor=actor,
+                    reason="consent withdrawn" if status == "withdrawn" else "requested"))
+            except VaultError as exc:
+                log.warning("could not finish the erasure of %s: %s", handle, exc)
+        return receipts
 
     def _checkpoint(self) -> None:
         # WAL pages may still hold deleted rows until a checkpoint rewrites them.
@@ -767,16 +1012,129 @@ class Vault:
     # -- keys and audit -----------------------------------------------------------------
     def rotate_keys(self, *, batch_size: int = 50, actor: str | None = None,
                     progress: Callable[[int, int], None] | None = None) -> RotationReport:
+        """Rotate the KEK (:meth:`KeyStore.rotate`) and audit it, once per rotation: a
+        rotation killed mid-way resumes; one that finished in the key store but was
+        killed before its ``keys.rotate`` event gets that event now, marked
+        ``recorded_late``, instead of a new rotation."""
+        actor = actor or _actor()
+        late = self._unaudited_rotation()
+        if late is not None:
+            with self.session() as s:
+                audit.append(s, "keys.rotate", actor=actor,
+                             details={"from": late.from_versions, "to": late.to_version,
+                                      "rewrapped": None, "resumed": True,
+                                      "recorded_late": True})
+            return late
         report = self.keys.rotate(batch_size=batch_size, progress=progress)
         with self.session() as s:
-            audit.append(s, "keys.rotate", actor=actor or _actor(),
+            audit.append(s, "keys.rotate", actor=actor,
                          details={"from": report.from_versions, "to": report.to_version,
                                   "rewrapped": report.rewrapped, "resumed": report.resumed})
         return report
 
-    def verify_audit(self) -> audit.VerifyResult:
+    def _unaudited_rotation(self) -> RotationReport | None:
+        """The rotation the key store completed whose ``keys.rotate`` event is missing (its
+        process ended in between), as a report; None when there is none."""
+        versions = self.keys.kek_versions()
+        if not versions or any(st == "retiring" for _, st in versions):
+            return None  # none yet, or one under way: the run that resumes it audits it
+        active = max((v for v, st in versions if st == "active"), default=None)
+        if active is None or active == min(v for v, _ in versions):
+            return None  # never rotated
+        with self.session(read_only=True) as s:
+            last = s.scalar(select(AuditEvent.details).where(AuditEvent.action == "keys.rotate")
+                            .order_by(AuditEvent.seq.desc()).limit(1))
+        audited = last.get("to") if isinstance(last, dict) else None
+        if isinstance(audited, int) and audited >= active:
+            return None
+        floor = audited if isinstance(audited, int) else 0
+        return RotationReport(
+            [v for v, st in versions if st == "retired" and floor <= v < active], active, 0,
+            True, f"KEK version {active} was already active: its rotation completed but its "
+                  "process ended before the audit event, which is recorded now (late); run "
+                  "`idvault keys rotate` again to rotate anew")
+
+    def sweep_orphan_keys(self, *, grace_seconds: float = ORPHAN_KEY_GRACE_SECONDS,
+                          now: dt.datetime | None = None, actor: str | None = None) -> dict:
+        """Shred the data keys no identity will ever use: no identity row has their uid,
+        no staged photos nor queued or running job name it, and they are older than
+        ``grace_seconds`` (an enrollment makes its key before its identity row, so a crash
+        in between leaves such a key). Audited (``keys.sweep``) when any is shredded;
+        returns the counts."""
+        now = now or utcnow()
+        made = self.keys.dek_created()  # read first: a key made after this is not judged
+        with self.session(read_only=True) as s:
+            known = set(s.scalars(select(Identity.uid)))
+            job_uids = {staged_photos.staged_uid(p) for p in s.scalars(
+                select(Job.params).where(Job.status.in_(("queued", "running"))))}
+        staged = staged_photos.staged_uids(self) | (job_uids - {None})
+        kept_staged = kept_recent = 0
+        orphans = []
+        for uid, created in sorted(made.items()):
+            if uid in known:
+                continue
+            if uid in staged:
+                kept_staged += 1
+            elif (now - created).total_seconds() < grace_seconds:
+                kept_recent += 1
+            else:
+                orphans.append(uid)
+        shredded = [uid for uid in orphans if self.keys.shred(uid) is not None]
+        if shredded:
+            with self.session() as s:
+                audit.append(s, "keys.sweep", actor=actor or _actor(),
+                             details={"shredded": len(shredded), "identities": shredded,
+                                      "grace_seconds": grace_seconds})
+        return {"data_keys": len(made), "orphans_shredded": len(shredded),
+                "kept_staged": kept_staged, "kept_recent": kept_recent}
+
+    def _anchor_audit_head(self) -> None:
+        """Sign the audit head into the key store once where it is marked pending: a vault
+        from before checkpoints (key-store migration k0002), or an init that crashed before
+        its first. Events before that point were never anchored; from it on they are."""
+        def read_head() -> tuple[int, str] | None:
+            with self.session(read_only=True) as s:
+                head = s.get(AuditHead, 1)
+                return (head.seq, head.hash) if head is not None else None
+
+        audit_anchor.anchor_pending(self.keys, read_head)
+
+    def reanchor_audit(self, *, actor: str | None = None) -> audit.VerifyResult:
+        """Accept the chain as it now is (a data database restored from a backup): when it
+        is intact in itself, replace the checkpoints with one of a new ``audit.reanchor``
+        event naming the dropped newest checkpoint. Needs the KEK; checked first, so a
+        failure leaves the old checkpoints in place."""
+        self.keys.check()
+        with self.session(read_only=True) as s:
+            chain = audit.verify(s)
+        chain.raise_if_bad()
+        dropped = audit_anchor.load(self.keys).latest
+        audit_anchor.reset(self.keys)
         with self.session() as s:
-            return audit.verify(s)
+            audit.append(s, "audit.reanchor", actor=actor or _actor(),
+                         details={"dropped": {"seq": dropped.seq, "hash": dropped.hash}
+                                  if dropped is not None else None,
+                                  "head": {"seq": chain.head_seq, "hash": chain.head_hash}})
+        self._anchor_audit_head()  # clears the mark, or anchors if the hook could not
+        return self.verify_audit()
+
+    def verify_audit(self, *, since: tuple[int, str] | None = None) -> audit.VerifyResult:
+        """Check the chain against the key store's signed checkpoints: whole, or from
+        ``since`` = ``(seq, hash)`` (an anchored head) on. The result carries the head and
+        the newest checkpoint; it is not ok when either disagrees with the chain."""
+        anchors = audit_anchor.load(self.keys, since=since[0] if since else None)
+        if anchors.problem is not None:
+            return audit.VerifyResult(False, 0, anchors.problem_seq, anchors.problem,
+                                      checkpoint=anchors.latest)
+        # The checkpoints are read first: one written during the walk could be past the
+        # chain it sees. PostgreSQL reads the whole walk from one snapshot.
+        bind = self.engine.execution_options(**{db.READ_ONLY: True})
+        if self.engine.dialect.name == "postgresql":
+            bind = bind.execution_options(isolation_level="REPEATABLE READ")
+        with Session(bind, expire_on_commit=False) as s, s.begin():
+            result = audit.verify(s, anchors=anchors.anchors, since=since)
+        result.checkpoint = anchors.latest
+        return result
 
 
 def _describe_review(r: Review) -> dict:

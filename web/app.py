@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import io
 import os
 import secrets
 import threading
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from flask import Flask, request
+from flask import Flask, Request, request
 from flask.sessions import SecureCookieSessionInterface
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session
@@ -26,9 +27,10 @@ from sqlalchemy.orm import Session
 from vault.config import Settings
 from vault.errors import InvalidInput
 from vault.jobs import JobQueue
+from vault.login_throttle import Policy as LoginPolicy
 from vault.vault import Vault
 from web import errors as web_errors
-from web.auth import LoginThrottle, csrf_token, current_principal
+from web.auth import csrf_token, current_principal, password_change_gate
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 SECRET_FILE = "web-secret.key"
@@ -72,7 +74,10 @@ class WebConfig:
     # (e.g. the generator's); IDVAULT_JOB_MODULES, comma-separated.
     job_modules: tuple[str, ...] = ()
     session_hours: float = 12.0
-    login_attempts: int = 5  # failed sign-ins per user / address in 5 minutes
+    # Failed sign-ins of one account from one address, and from one address across
+    # accounts, within 15 minutes before that locks (vault/login_throttle.py).
+    login_attempts: int = 5
+    login_address_attempts: int = 50
     extra: dict = field(default_factory=dict)  # Flask config overrides
 
     def __post_init__(self) -> None:
@@ -128,7 +133,8 @@ class AppState:
             dispatch = dispatcher(vault.settings.broker_url)
         self.jobs = JobQueue(vault, dispatch=dispatch)
         self.jobs.models_dir = config.models_dir  # type: ignore[attr-defined]  # generate jobs
-        self.login_throttle = LoginThrottle(limit=config.login_attempts)
+        self.login_policy = LoginPolicy(limit=config.login_attempts,
+                                        address_limit=config.login_address_attempts)
         self._enroller = None
         self._lock = threading.Lock()
         self._read_engine = _read_engine(vault)
@@ -223,6 +229,20 @@ def _sqlite_reader(engine: Engine) -> Engine:
     return reader
 
 
+class _InMemoryUploadRequest(Request):
+    """Flask's request, with every multipart file part kept in memory.
+
+    Werkzeug spools a file part over 500 kB to an unencrypted temporary file;
+    uploads here are photos of people, and none may reach a disk in plaintext
+    (docs/security.md#uploads-never-touch-disk). ``MAX_CONTENT_LENGTH`` bounds
+    all parts of a request together, so this costs at most that much memory.
+    """
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None,
+                         content_length=None) -> io.BytesIO:
+        return io.BytesIO()
+
+
 class _SecurityHeaders:
     """WSGI middleware: every response gets the security headers it did not set itself,
     ``Cache-Control: no-store`` unless it is public (``PUBLIC_CACHEABLE``), and HSTS over
@@ -272,16 +292,34 @@ def _secret_key(config: WebConfig, settings: Settings) -> str:
         return config.secret_key
     path = settings.data_dir / SECRET_FILE
     try:
-        return path.read_text().strip()
+        return _read_secret(path)
     except FileNotFoundError:
         pass
+    # Written whole under a temporary name, then linked into place (link never replaces):
+    # a server starting beside this one sees no file or a complete one, never an empty
+    # one it would sign cookies with.
     key = secrets.token_urlsafe(48)
+    tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process won the race
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # another process won the race
+            return _read_secret(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return key
+
+
+def _read_secret(path: Path) -> str:
+    key = path.read_text().strip()
+    if len(key) < 32:
+        raise InvalidInput(f"the web secret key file {path} is empty or truncated; delete it "
+                           "(a new one is made; every UI session then signs in again)")
     return key
 
 
@@ -297,6 +335,7 @@ def create_app(config: WebConfig | None = None) -> Flask:
     vault = config.vault or Vault.open(config.settings or Settings.from_env())
     settings = vault.settings
     app = Flask(__name__, static_folder="static", template_folder="templates")
+    app.request_class = _InMemoryUploadRequest
     app.config.update(
         SECRET_KEY=_secret_key(config, settings),
         MAX_CONTENT_LENGTH=config.max_request_bytes,
@@ -322,6 +361,7 @@ def create_app(config: WebConfig | None = None) -> Flask:
     app.extensions["idvault"] = state
 
     web_errors.register(app)
+    app.before_request(password_change_gate)
     from web.api import create_api_blueprint
     from web.ui import create_ui_blueprint
 

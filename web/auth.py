@@ -11,6 +11,11 @@ Every request acts for exactly one owner, through one of:
   session's CSRF token (form field ``csrf_token`` or header
   ``X-CSRF-Token``).
 
+A session signed in with a one-time password can do nothing but change it
+(``password_change_gate``, a ``before_request`` of the whole app). Sign-ins
+are throttled per (account, client address) through the database
+(``vault.login_throttle``), so every server process shares the count.
+
 Handles of other owners are answered exactly as handles that do not exist
 (404 with the same message), so nothing of another owner can be seen or
 guessed. A missing scope or role is a 403 that names what is missing.
@@ -21,8 +26,6 @@ from __future__ import annotations
 import functools
 import hmac
 import secrets
-import threading
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,7 +33,7 @@ from dataclasses import dataclass, field
 from flask import current_app, g, redirect, request, session, url_for
 from sqlalchemy import Connection, select
 
-from vault import accounts, api_keys
+from vault import accounts, api_keys, login_throttle
 from vault.errors import NotFound
 from vault.handles import Handle
 from vault.models import Owner, WebSession
@@ -184,56 +187,36 @@ def handle_in_owner(p: Principal, owner: str, name: str) -> str:
 
 
 # -- UI sign-in -------------------------------------------------------------------------------
-class LoginThrottle:
-    """At most ``limit`` failed sign-ins per username and per client address in ``window``."""
-
-    def __init__(self, limit: int = 5, window: float = 300.0) -> None:
-        self.limit, self.window = limit, window
-        self._fails: dict[str, list[float]] = {}
-        self._lock = threading.Lock()
-
-    def _recent(self, key: str, now: float) -> list[float]:
-        times = [t for t in self._fails.get(key, []) if now - t < self.window]
-        self._fails[key] = times
-        return times
-
-    def check(self, *keys: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            for key in keys:
-                times = self._recent(key, now)
-                if len(times) >= self.limit:
-                    wait = int(self.window - (now - times[0])) + 1
-                    raise TooManyRequests(f"too many failed sign-ins; try again in {wait} s",
-                                          retry_after=wait)
-
-    def failed(self, *keys: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            for key in keys:
-                self._recent(key, now).append(now)
-            if len(self._fails) > 10_000:  # bound memory under a spray of names
-                self._fails = {k: v for k, v in self._fails.items() if v}
-
-    def succeeded(self, *keys: str) -> None:
-        with self._lock:
-            for key in keys:
-                self._fails.pop(key, None)
+def refused(lock: login_throttle.Lock) -> TooManyRequests:
+    """The 429 for a lock in force, saying whom it covers and for how long."""
+    who = ("this account from your address" if lock.scope == "account"
+           else "every account from your address")
+    return TooManyRequests(f"too many failed sign-ins: {who} is locked; try again in "
+                           f"{lock.seconds} s (other addresses are not affected)",
+                           retry_after=lock.seconds, locked=lock.scope)
 
 
 def sign_in(username: str, password: str) -> accounts.User | None:
+    """Check the password, counted by the throttle (``vault.login_throttle``) per
+    (account, client address); start a session when it is right. A lock in force
+    refuses before the password is checked (TooManyRequests, 429)."""
     st = _state()
-    keys = (f"user:{username.strip().lower()[:64]}", f"ip:{request.remote_addr}")
-    st.login_throttle.check(*keys)
+    # ProxyFix has already put the client's address here when IDVAULT_TRUST_PROXY is set;
+    # otherwise X-Forwarded-For is never read.
+    address = request.remote_addr
     with st.vault.session() as s:
-        user = accounts.authenticate(s, username, password)
-        if user is None:
-            st.login_throttle.failed(*keys)
-            return None
-        owners = accounts.owners_of(s, user)
-        token = accounts.create_session(s, user, owners[0][0].id if owners else None,
-                                        ttl=st.config.session_ttl)
-    st.login_throttle.succeeded(keys[0])
+        lock = login_throttle.begin(s, username, address, policy=st.login_policy)
+        if lock is None:
+            user = accounts.authenticate(s, username, password)
+            if user is None:
+                login_throttle.record_failure(s, username, address, policy=st.login_policy)
+                return None
+            login_throttle.record_success(s, username, address)
+            owners = accounts.owners_of(s, user)
+            token = accounts.create_session(s, user, owners[0][0].id if owners else None,
+                                            ttl=st.config.session_ttl)
+    if lock is not None:
+        raise refused(lock)
     session.clear()
     session.permanent = True
     session[SESSION_KEY] = token
@@ -270,9 +253,6 @@ def ui_login_required(scope: str | None = None, *, owner: bool = True) -> Callab
             p = current_principal()
             if p is None or p.via != "session":
                 return redirect(url_for("ui.account.login", next=request.full_path.rstrip("?")))
-            if p.must_change_password and request.endpoint not in ("ui.account.password",
-                                                                    "ui.account.logout"):
-                return redirect(url_for("ui.account.password"))
             if owner and p.owner is None:
                 return redirect(url_for("ui.account.no_owner"))
             require(scope, owner=owner)
@@ -281,3 +261,33 @@ def ui_login_required(scope: str | None = None, *, owner: bool = True) -> Callab
         return wrapper
 
     return deco
+
+
+# -- one-time passwords ---------------------------------------------------------------------
+# What a session holding a one-time password may still reach: the page that changes it,
+# signing out (or in as someone else), the static files those pages use, and what
+# anyone may read without signing in (the health check, the OpenAPI document).
+PASSWORD_CHANGE_ENDPOINTS = frozenset({"ui.account.password", "ui.account.logout",
+                                       "ui.account.login", "static", "api.meta.health",
+                                       "api.meta.openapi_document"})
+PASSWORD_CHANGE_PATH = "/account"
+
+
+def password_change_gate():
+    """``before_request`` of the whole app: a session signed in with a one-time password
+    (``User.must_change_password``) can do nothing but change it. The API answers 403
+    with the one error shape, naming the page; UI pages redirect to it. API keys are
+    not sessions and pass; so do requests without a session cookie, unresolved."""
+    if request.headers.get("Authorization") or not session.get(SESSION_KEY):
+        return None
+    if request.endpoint in PASSWORD_CHANGE_ENDPOINTS:
+        return None
+    p = current_principal()
+    if p is None or not p.must_change_password:
+        return None
+    if request.path == "/v1" or request.path.startswith("/v1/"):
+        raise Forbidden("this session signed in with a one-time password: change it first "
+                        f"at {PASSWORD_CHANGE_PATH} (the account page), then sign in again "
+                        "or retry", reason="password_change_required",
+                        change_at=PASSWORD_CHANGE_PATH)
+    return redirect(url_for("ui.account.password"))

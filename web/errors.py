@@ -44,6 +44,14 @@ class UnsupportedMediaType(errors.InvalidInput):
     code = "unsupported_media_type"
 
 
+class Unprocessable(errors.InvalidInput):
+    """Well formed and valid by the API's document, but refused for what it means given
+    what is stored or installed (e.g. a 'method' for an identity the prompt does not
+    mention, or no base model to fit against): 422, not 400."""
+
+    code = "unprocessable"
+
+
 class TooManyRequests(errors.VaultError):
     code = "too_many_requests"
 
@@ -63,6 +71,7 @@ STATUS: list[tuple[type[errors.VaultError], int]] = [
     (errors.PhotoRejected, 422),
     (errors.ArtifactRejected, 422),
     (errors.InvalidConsent, 422),
+    (Unprocessable, 422),
     (errors.InvalidHandle, 400),
     (errors.InvalidInput, 400),
     (errors.NotFound, 404),
@@ -71,6 +80,9 @@ STATUS: list[tuple[type[errors.VaultError], int]] = [
     (errors.ConsentError, 403),
     (errors.KeyUnavailable, 503),
     (errors.ModelUnavailable, 503),
+    # The stored record conflicts with its seal: the caller is told what changed (it is
+    # their own identity's record), where other integrity failures stay a 500.
+    (errors.RecordTampered, 409),
     (errors.IntegrityError, 500),
     (errors.VaultError, 500),
 ]

@@ -23,14 +23,19 @@ one set of events.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from pathlib import Path
 
 from vault import dedupe_log, identities
-from vault.errors import InvalidInput, NotFound
+from vault.errors import InvalidInput, ModelUnavailable, NotFound
 from vault.generated_images import image_path
 from vault.jobs import JobContext, JobKind, register_kind
+from vault.private_files import private_dir
+from web.errors import Unprocessable
+
+log = logging.getLogger(__name__)
 
 KIND = "generate"
 MAX_PROMPT = 2000
@@ -49,10 +54,15 @@ _pipes_lock = threading.Lock()
 
 
 def _int(params: dict, key: str, default: int, lo: int, hi: int) -> int:
-    value = params.get(key, default)
+    value = _integral(params.get(key, default))
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise InvalidInput(f"'{key}' must be an integer from {lo} to {hi}")
     return value
+
+
+def _integral(value: object) -> object:
+    """JSON Schema counts 30.0 as an integer, as the API's document says; so do we."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def validate(params: dict) -> dict:
@@ -76,11 +86,12 @@ def validate(params: dict) -> dict:
     size = params.get("size")
     if size is not None:
         if (not isinstance(size, list) or len(size) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+                or not all(isinstance(_integral(v), int) and not isinstance(v, bool)
+                           for v in size)
                 or not all(8 <= v <= MAX_SIDE and v % 8 == 0 for v in size)):
             raise InvalidInput(f"'size' must be [width, height], multiples of 8 from 8 to "
                                f"{MAX_SIDE}")
-        out["size"] = list(size)
+        out["size"] = [int(v) for v in size]
     out["method"] = _method(params.get("method", "auto"))
     commercial = params.get("commercial", False)
     if not isinstance(commercial, bool):
@@ -105,7 +116,10 @@ def _method(method: object) -> str | dict[str, str]:
 def preflight(vault, owner: str, params: dict) -> None:
     """Refuse at submission a scene that cannot run: a bad mention, a handle of another
     owner or unknown (the same NotFound), a held identity, consent that does not grant
-    ``generate`` (and ``commercial`` when asked). The job checks again when it runs."""
+    ``generate`` (and ``commercial`` when asked), an identity without an artifact its
+    method reads (422). The checks of ``idvault generate`` (:mod:`generators.preflight`;
+    no model, no torch); the job checks again when it runs."""
+    from generators.preflight import check_artifacts
     from generators.prompt import parse_prompt, resolve_identities
 
     purposes = ("generate", "commercial") if params.get("commercial") else ("generate",)
@@ -114,9 +128,30 @@ def preflight(vault, owner: str, params: dict) -> None:
     if isinstance(method, dict):
         extra = sorted(set(method) - set(parsed.handles))
         if extra:
-            raise InvalidInput(f"'method' names identities the prompt does not mention: "
-                               f"{', '.join('@' + h for h in extra)}")
-    resolve_identities(vault, parsed, owner=owner, purposes=purposes)
+            raise Unprocessable(f"'method' names identities the prompt does not mention: "
+                                f"{', '.join('@' + h for h in extra)}")
+    resolved = resolve_identities(vault, parsed, owner=owner, purposes=purposes)
+    try:
+        check_artifacts(resolved, method)
+    except InvalidInput as exc:  # a well-formed request this vault cannot carry out
+        raise Unprocessable(exc.message, **exc.details) from None
+
+
+def local_preflight(queue, params: dict) -> None:
+    """Where this process runs the job itself: the SDXL base model its pipeline loads is
+    in the models folder. If not, refused at submission (422: this server cannot carry
+    it out), not a job that fails later; the client is told what the operator should
+    do, the log gets the folder searched."""
+    from generators.base_model import find_base_model
+
+    try:
+        find_base_model(None, getattr(queue, "models_dir", None))
+    except ModelUnavailable as exc:
+        log.warning("generate refused: %s", exc)
+        raise Unprocessable(
+            "this server has no SDXL base model to generate with; the operator should put "
+            "one in its models folder (docs/models.md; `idvault models tiny DIR` for an "
+            "offline stand-in)") from None
 
 
 def stored_image(vault, job: dict) -> Path:
@@ -171,7 +206,7 @@ def run(ctx: JobContext) -> None:
             owner_id = identities.get_owner(r, ctx.owner).id
         dedupe_log.lock_owner(s, owner_id)
         preflight(ctx.vault, ctx.owner, p)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         manifest = result.save(path)  # written beside it and renamed into place
         width, height = result.image.size
         ctx.finish(s, {
@@ -195,7 +230,8 @@ def run(ctx: JobContext) -> None:
 
 
 register_kind(JobKind(
-    KIND, run, scope="generate", validate=validate, preflight=preflight, queue="gpu",
+    KIND, run, scope="generate", validate=validate, preflight=preflight,
+    local_preflight=local_preflight, queue="gpu",
     time_limit=3600.0,
     description="compose a scene of enrolled identities from a prompt with @handles "
                 "(signed PNG with provenance; GET /v1/jobs/{id}/image)"), replace=True)

@@ -38,6 +38,11 @@ log = logging.getLogger("idvault.serve")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_THREADS = 8
+# Open connections per process; each may hold a request body of up to the body limit
+# in memory while it arrives (docs/security.md#uploads-never-touch-disk).
+CONNECTION_LIMIT = 200
+BODY_SLACK = 1024 * 1024
+NEVER_SPOOL = 2**62  # a buffer size no buffer reaches: waitress keeps it in memory
 MAX_WORKERS = 64
 # A worker that dies this soon after starting, this many times in a row, is not
 # restarted again: it cannot start (a database that refuses it, a broken setting).
@@ -68,15 +73,43 @@ def make_server(app: Flask, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, 
     serving the listening socket ``sock``."""
     from waitress import create_server
 
-    limit = app.config.get("MAX_CONTENT_LENGTH") or 0
     where = {"sockets": [sock]} if sock is not None else {"host": host, "port": port}
     return create_server(
-        app, threads=threads, ident="idvault", **where,
-        # waitress refuses larger bodies before Flask sees them; Flask's limit
-        # gives the JSON error for bodies that declare their length.
-        max_request_body_size=max(limit * 2, 1024 * 1024),
-        max_request_header_size=64 * 1024, connection_limit=200, channel_timeout=120,
-        expose_tracebacks=False, clear_untrusted_proxy_headers=True)
+        app, threads=threads, ident="idvault", **where, **buffer_settings(app),
+        max_request_header_size=64 * 1024, connection_limit=CONNECTION_LIMIT,
+        channel_timeout=120, expose_tracebacks=False,
+        # Behind a trusted proxy (IDVAULT_TRUST_PROXY) the app's ProxyFix reads the
+        # X-Forwarded-* headers (the client address the login throttle counts); otherwise
+        # waitress drops them, so no client can claim another address.
+        clear_untrusted_proxy_headers=not _trusts_proxy(app))
+
+
+def _trusts_proxy(app: Flask) -> bool:
+    state = app.extensions.get("idvault")
+    return bool(state is not None and state.config.trust_proxy)
+
+
+def buffer_settings(app: Flask) -> dict[str, int]:
+    """waitress's body limit and buffering for ``app``: nothing it receives or sends is
+    ever spooled to a temporary file (docs/security.md#uploads-never-touch-disk).
+
+    waitress reads a whole request body before a thread runs the app, into a buffer that
+    moves to an unencrypted temporary file past ``inbuf_overflow`` (512 kB by default);
+    responses likewise past ``outbuf_overflow`` (1 MB). Bodies are photos of people and
+    responses decrypted artifacts, so neither threshold is ever reached: the body buffer
+    is bounded by ``max_request_body_size`` instead (checked on every read, chunked
+    bodies included), and a response buffer by ``outbuf_high_watermark`` plus the one
+    write the app is making (which the app held in memory already).
+    """
+    limit = app.config.get("MAX_CONTENT_LENGTH") or 0
+    return {
+        # Bodies a little over the app's limit still reach Flask, whose 413 is in the
+        # JSON error shape; larger ones waitress refuses itself, before reading any
+        # of a body that declares its length.
+        "max_request_body_size": max(limit, 0) + BODY_SLACK,
+        "inbuf_overflow": NEVER_SPOOL,
+        "outbuf_overflow": NEVER_SPOOL,
+    }
 
 
 def listen_socket(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:

@@ -122,7 +122,11 @@ class DiffusionModel:
         """Load an SD1.x or SDXL diffusers folder (``model_index.json`` says which)."""
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype)
+        from encoders.library_output import quiet_libraries
+
+        # The caller says what loads; the libraries' own bars would only add noise.
+        with quiet_libraries():
+            pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe)
 

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from encoders.base_model_id import base_model_id
+from vault.private_files import private_dir, write_private
 
 if TYPE_CHECKING:
     from encoders.fitting.core import FitConfig
@@ -119,10 +120,10 @@ class _SealedCheckpoints:
 
         key_id, dek = self.ctx.vault.keys.get_or_create_dek(self.identity_uid)
         sealed = crypto.seal(dek, state, key_id=key_id, key_version=1, context=self._context())
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         path = self.dir / f"{self.ctx.job_id}.ckpt"
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(sealed)
+        write_private(tmp, sealed)
         tmp.replace(path)  # atomic: a crash mid-write keeps the previous checkpoint
         self.ctx.save_checkpoint({"step": step, "file": path.name,
                                   "sha256": hashlib.sha256(sealed).hexdigest()})
@@ -180,6 +181,7 @@ def _prepare(ctx):
         raise InvalidInput(str(exc)) from None
     ctx.progress(0.0, f"loading base model {base_model.name}")
     model = core.DiffusionModel.from_pretrained(base_model)
+    ctx.progress(0.04, f"loaded base model {base_model.name}")  # a cancel meanwhile lands here
     return model, images, base_model_id(base_model)
 
 
@@ -211,11 +213,23 @@ def _fit_config(p: dict, **defaults) -> FitConfig:
     return replace(cfg, **overrides)
 
 
+# A fit's steps span this part of the job's progress (0..1); loading comes before it.
+STEPS_FROM, STEPS_SPAN = 0.05, 0.9
+
+
 def _progress(ctx, label: str) -> Callable[[int, int, float], None]:
+    # Called after every step: ctx.progress raises JobCancelled there, so a cancel lands
+    # within a step.
     def update(done: int, total: int, loss: float) -> None:
-        ctx.progress(0.05 + 0.9 * done / total, f"{label}: step {done}/{total}, loss {loss:.4f}")
+        ctx.progress(STEPS_FROM + STEPS_SPAN * done / total,
+                     f"{label}: step {done}/{total}, loss {loss:.4f}")
 
     return update
+
+
+def fit_step(fraction: float, total: int) -> int:
+    """The step a fit job of ``total`` steps had reached at progress ``fraction``."""
+    return max(0, min(total, round((fraction - STEPS_FROM) / STEPS_SPAN * total)))
 
 
 def run_celeb_basis_job(ctx) -> None:
@@ -317,6 +331,7 @@ __all__ = [
     "JOB_KINDS",
     "LIDB_MODES",
     "MODEL_NAME",
+    "fit_step",
     "register_jobs",
     "run_celeb_basis_job",
     "run_lidb_job",

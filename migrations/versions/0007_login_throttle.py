@@ -7,8 +7,8 @@ Create Date: 2026-12-06 17:00:00
 
 from __future__ import annotations
 
-import sqlalchemy as sa  # noqa: F401
-from alembic import op  # noqa: F401
+import sqlalchemy as sa
+from alembic import op
 
 revision = '0007'
 down_revision = '0006'
@@ -17,8 +17,22 @@ depends_on = None
 
 
 def upgrade() -> None:
-    pass
+    op.create_table('login_attempts',
+    sa.Column('account', sa.String(length=64), nullable=False),
+    sa.Column('address', sa.String(length=64), nullable=False),
+    sa.Column('failures', sa.Integer(), nullable=False),
+    sa.Column('lockouts', sa.Integer(), nullable=False),
+    sa.Column('window_start', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('locked_until', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('account', 'address', name=op.f('pk_login_attempts'))
+    )
+    with op.batch_alter_table('login_attempts', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_login_attempts_expires_at'), ['expires_at'],
+                              unique=False)
 
 
 def downgrade() -> None:
-    pass
+    with op.batch_alter_table('login_attempts', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_login_attempts_expires_at'))
+    op.drop_table('login_attempts')

@@ -105,6 +105,22 @@ def test_round_trip_says_what_was_used(vault: Vault, tmp_path: Path) -> None:
     assert any("smiths/ana via photomaker" in line for line in result.summary())
 
 
+def test_signed_pngs_are_0600_whatever_the_umask(vault: Vault, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        stale = tmp_path / "again.png"
+        stale.write_bytes(b"an older, readable file")
+        stale.chmod(0o644)
+        for path in (_signed(vault, tmp_path), _signed(vault, tmp_path, "again.png")):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+            assert verify_image(vault, path).ok
+    finally:
+        os.umask(old)
+
+
 def test_recompressing_with_the_metadata_kept_stays_valid(vault: Vault, tmp_path: Path) -> None:
     src = _signed(vault, tmp_path)
     copy = _resave(src, tmp_path / "copy.png", compress_level=0)

@@ -48,8 +48,9 @@ def roster(family: Vault) -> Vault:
         family.create_identity(f"northlight/{name}", consent())
         family.put_artifact(f"northlight/{name}", "face", face_payload(seed=50), actor="test")
     family.withdraw_consent("northlight/wren", actor="test")
-    with family.session() as s:
+    with family.session() as s:  # held without a review: resealed, as idvault would
         s.execute(update(Identity).where(Identity.name == "p4").values(status="held"))
+        family._reseal(s, s.scalar(select(Identity).where(Identity.name == "p4")))
     return family
 
 

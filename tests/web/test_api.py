@@ -4,6 +4,7 @@ main flows)."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,6 +76,27 @@ def test_identity_lifecycle(web):
     err(web.client.delete("/v1/identities/smiths/ana", headers=h), 404, "not_found")
 
 
+def test_erasure_receipt_is_issued_again_and_an_unfinished_erasure_is_listed(web):
+    from vault.handles import Handle
+
+    h, read = web.headers(), web.headers("smiths", "identities:read")
+    for name in ("ana", "ben"):
+        ok(web.client.post("/v1/identities", headers=h,
+                           json={"name": name, "consent": consent_doc()}), 201)
+    err(web.client.get("/v1/identities/smiths/ana/receipt", headers=read), 404, "not_found")
+    receipt = ok(web.client.delete("/v1/identities/smiths/ana", headers=h))
+    assert ok(web.client.get("/v1/identities/smiths/ana/receipt", headers=read)) == receipt
+    err(web.client.get("/v1/identities/smiths/ana/receipt", headers=web.headers("northlight")),
+        404, "not_found")
+    # ben's erasure was cut short after its first step: listed as erasing, no receipt yet
+    web.vault._begin_erasure(Handle.parse("smiths/ben"), actor="test", reason="requested")
+    listed = ok(web.client.get("/v1/identities?status=erasing", headers=read))["items"]
+    assert [(i["handle"], i["status"]) for i in listed] == [("smiths/ben", "erasing")]
+    err(web.client.get("/v1/identities/smiths/ben/receipt", headers=read), 409, "conflict")
+    finished = ok(web.client.delete("/v1/identities/smiths/ben", headers=h))
+    assert ok(web.client.get("/v1/identities/smiths/ben/receipt", headers=read)) == finished
+
+
 def test_consent_withdraw_per_policy(web):
     h = web.headers()
     ok(web.client.post("/v1/identities", headers=h,
@@ -114,8 +136,8 @@ def test_enroll_duplicate_add_photos(web):
     assert more["status"] == "updated"
     shapes = ok(web.client.get("/v1/identities/smiths/ana", headers=web.headers()))
     assert shapes["artifacts"][0]["shapes"]["normed"] == [4, 512]
-    err(web.enroll("smiths/ana", 1, (5,)), 400)  # consent for an existing identity
-    err(web.enroll("smiths/ben", 2, (0,), consent=False), 400)  # new, no consent
+    err(web.enroll("smiths/ana", 1, (5,)), 409)  # consent for an existing identity
+    err(web.enroll("smiths/ben", 2, (0,), consent=False), 422)  # new, no consent
 
 
 def test_enroll_rejects_every_bad_photo_at_once(web):
@@ -133,6 +155,41 @@ def test_enroll_rejects_every_bad_photo_at_once(web):
     assert "2 of 3 photos rejected" in e["message"]
     err(web.client.get("/v1/identities/smiths/ben", headers=web.headers()), 404)
 
+
+
+@pytest.mark.parametrize("scale_out", [False, True], ids=["in-process", "scale-out"])
+def test_enroll_is_refused_before_any_photo_is_analysed_or_a_job_queued(web, scale_out,
+                                                                         monkeypatch):
+    """`idvault enroll`'s model-free checks run first: more photos for an identity held
+    for review (409) or whose consent was withdrawn (403) are refused at once, with the
+    one error shape; no face model runs, nothing is staged and no job is created."""
+    ok(web.enroll("smiths/cleo", 3, (0, 1, 2)), 201)
+    held = ok(web.enroll("smiths/dan", 4, (0, 1, 2), kin=TWIN_OF_3), 201)
+    assert held["status"] == "held"
+    ok(web.enroll("northlight/lee", 5, (0, 1)), 201)
+    ok(web.client.post("/v1/identities/northlight/lee/consent/withdraw",
+                       headers=web.headers("northlight")))  # retain policy: kept, blocked
+    jobs = web.state.jobs
+    sent: list[tuple] = []
+    if scale_out:
+        monkeypatch.setattr(jobs, "dispatch", lambda *job: sent.append(job))
+
+    def no_models():
+        raise AssertionError("a face model was asked for before the checks")
+
+    monkeypatch.setattr(web.state, "enroller", no_models)
+    before = {o: ok(web.client.get("/v1/jobs", headers=web.headers(o)))["items"]
+              for o in ("smiths", "northlight")}
+    for handle, status, code, needle in (
+            ("smiths/dan", 409, "conflict", "held for review"),
+            ("northlight/lee", 403, "consent_withdrawn", "withdrawn")):
+        e = err(web.enroll(handle, 4, (3,), consent=False), status, code)
+        assert needle in e["message"] and handle in e["message"], e
+    assert sent == []
+    for o, items in before.items():
+        assert ok(web.client.get("/v1/jobs", headers=web.headers(o)))["items"] == items
+    staged = Path(web.vault.settings.data_dir) / "staged"
+    assert not staged.exists() or not any(staged.rglob("*.sealed"))
 
 def test_photo_check(web):
     data = {"photos": [(io.BytesIO(photo_bytes(1, 0)), "a.jpg"),
@@ -252,9 +309,10 @@ def test_jobs_submit_status_cancel(web):
     listed = ok(web.client.get("/v1/jobs?status=done", headers=h))["items"]
     assert [j["id"] for j in listed] == [job["id"]]
     assert len(ok(web.client.get("/v1/jobs?limit=1", headers=h))["items"]) == 1
-    err(web.client.post("/v1/jobs", headers=h, json={"kind": "generate"}), 400)
+    # Valid by the document ('params' is an object), not what the kind takes: 422.
+    err(web.client.post("/v1/jobs", headers=h, json={"kind": "generate"}), 422)
     err(web.client.post("/v1/jobs", headers=h, json={"kind": "rebuild_index", "params": {"x": 1}}),
-        400)
+        422)
     err(web.client.get("/v1/jobs/not-a-uuid", headers=h), 404)
     # Another owner never sees it.
     err(web.client.get(f"/v1/jobs/{job['id']}", headers=web.headers("northlight")), 404)

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from tests.web.web_fixtures import PASSWORD, SECRET
-from vault.errors import IntegrityError, KeyUnavailable, ModelUnavailable
+from vault.errors import IntegrityError, InvalidInput, KeyUnavailable, ModelUnavailable
 from web.app import CSP, SECRET_FILE, WebConfig, create_app
 from web.errors import STATUS, status_for
 
@@ -151,6 +151,37 @@ def test_session_cookie_flags_and_secret_file(web, family):
     assert path.stat().st_mode & 0o777 == 0o600
     assert app.config["SECRET_KEY"] == create_app(
         WebConfig(vault=family, run_jobs=False)).config["SECRET_KEY"]
+
+
+def test_servers_starting_together_share_one_complete_secret(family):
+    """Two servers started at once used to race: the loser read the winner's file before
+    it was written and signed cookies with an empty key (HTTP 500 on every page)."""
+    import threading
+
+    from web.app import _secret_key
+
+    path = family.settings.data_dir / SECRET_FILE
+    config = WebConfig(vault=family, run_jobs=False)
+    for _ in range(20):
+        path.unlink(missing_ok=True)
+        barrier, keys = threading.Barrier(8), []
+
+        def start():
+            barrier.wait()
+            keys.append(_secret_key(config, family.settings))
+
+        threads = [threading.Thread(target=start) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(set(keys)) == 1 and len(keys[0]) >= 32
+        assert path.read_text().strip() == keys[0]
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(f".{SECRET_FILE}")] == []
+    # A file left empty (by an older version's crash) is named, not used as a key.
+    path.write_text("")
+    with pytest.raises(InvalidInput, match="secret key file .* empty or truncated"):
+        create_app(config)
 
 
 def test_forms_need_the_csrf_token(web):

@@ -46,6 +46,7 @@ ENDPOINTS = [
     Endpoint("GET", "/v1/identities/smiths/ana", "identities:read", handle_path=True),
     Endpoint("DELETE", "/v1/identities/smiths/ben", "identities:write", handle_path=True),
     Endpoint("GET", "/v1/identities/smiths/ana/consent", "identities:read", handle_path=True),
+    Endpoint("GET", "/v1/identities/smiths/ana/receipt", "identities:read", handle_path=True),
     Endpoint("POST", "/v1/identities/smiths/cara/consent/withdraw", "identities:write",
              "json:reason", handle_path=True),
     Endpoint("POST", "/v1/identities/smiths/ana/enroll", "identities:write", "photos",
@@ -129,15 +130,20 @@ def finished_scene(web, h) -> str:
     from vault import generated_images
     from vault.models import Job
 
-    scene = web.client.post("/v1/generate", headers=h, json={"prompt": "@smiths/ana"}
-                            ).get_json()["id"]
+    from vault.identities import get_owner
+
+    # Written as the worker leaves it: the API refuses to queue a generation on a server
+    # with no SDXL base model (its pre-check), and this matrix needs no model.
+    with web.vault.session() as s:
+        row = Job(owner_id=get_owner(s, "smiths").id, kind="generate", status="done",
+                  progress=1.0, params={"prompt": "@smiths/ana"})
+        s.add(row)
+        s.flush()
+        scene = row.id
+        row.result = {"image": f"outputs/{scene}.png", "width": 8, "height": 8}
     path = generated_images.image_path(web.vault.settings.data_dir, scene)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (8, 8), "gray").save(path)
-    with web.vault.session() as s:
-        row = s.get(Job, scene)
-        row.status, row.progress = "done", 1.0
-        row.result = {"image": f"outputs/{scene}.png", "width": 8, "height": 8}
     return scene
 
 

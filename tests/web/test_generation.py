@@ -105,14 +105,14 @@ def test_generate_fetch_and_verify(gen_web, tmp_path):
     assert verify(plain.getvalue()).get_json()["status"] == "no_manifest"
     assert verify(photo_bytes(1, 0), "a.jpg").get_json()["status"] == "no_manifest"
     bad = verify(b"not an image")
-    assert bad.status_code == 400 and "cannot read" in bad.get_json()["error"]["message"]
+    assert bad.status_code == 422 and "cannot read" in bad.get_json()["error"]["message"]
     bomb = io.BytesIO()
     Image.new("L", (10_000, 10_000)).save(bomb, "PNG")  # 100 MP of zeros: a tiny file
     bad = verify(bomb.getvalue())
     assert bad.status_code == 400 and "too large" in bad.get_json()["error"]["message"]
     huge = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dIHDR" + (10**5).to_bytes(4, "big") * 2 \
         + b"\x08\x00\x00\x00\x00" + b"\x00" * 4  # 10 gigapixels claimed, bad CRC
-    assert verify(huge).status_code == 400
+    assert verify(huge).status_code == 422  # unreadable (bad CRC): not an image
 
     # The job list and the audit trail name the generation.
     events = web.client.get("/v1/audit?subject=smiths/ana", headers=web.headers()).get_json()
@@ -133,14 +133,15 @@ def test_refusals_fail_the_job_or_the_request(gen_web):
     enroll_for_generation(web, "smiths/ben", 2)
     before = web.client.get("/v1/jobs", headers=web.headers()).get_json()["items"]
     # Refused at submission, nothing queued: consent without 'commercial' (403), a handle
-    # of another owner (the same 404 as one that does not exist), a bad mention (400).
+    # of another owner (the same 404 as one that does not exist), a bad mention (422: any
+    # text is a prompt by the API's document; what an '@' starts is its meaning).
     for owner, body, status, needle in (
             ("smiths", {"prompt": "@smiths/ana at a launch party", "commercial": True}, 403,
              "commercial"),
             ("northlight", {"prompt": "@smiths/ana in a studio"}, 404, "no identity smiths/ana"),
             ("northlight", {"prompt": "@northlight/ghost in a studio"}, 404,
              "no identity northlight/ghost"),
-            ("smiths", {"prompt": "@smiths/Ana!! on a boat"}, 400, "@smiths/Ana")):
+            ("smiths", {"prompt": "@smiths/Ana!! on a boat"}, 422, "@smiths/Ana")):
         for path, doc in (("/v1/generate", body),
                           ("/v1/jobs", {"kind": "generate", "params": body})):
             resp = web.client.post(path, headers=web.headers(owner), json=doc)
@@ -175,7 +176,7 @@ def test_refusals_fail_the_job_or_the_request(gen_web):
         assert resp.get_json()["error"]["code"] == "invalid_input"
     resp = web.client.post("/v1/jobs", headers=web.headers(),
                            json={"kind": "generate", "params": {"prompt": "x", "steps": 999}})
-    assert resp.status_code == 400
+    assert resp.status_code == 422  # 'params' is any object by the document: the kind's say
     assert web.client.get("/v1/jobs", headers=web.headers()).get_json()["items"] == before
     # The generic jobs endpoint takes the same kind.
     resp = web.client.post("/v1/jobs", headers=web.headers(),
@@ -187,6 +188,52 @@ def test_refusals_fail_the_job_or_the_request(gen_web):
     assert {"kind": "generate", "scope": "generate"}.items() <= next(
         k for k in kinds if k["kind"] == "generate").items()
 
+
+
+def test_what_generate_would_lack_is_refused_at_submission(gen_web, web):
+    """The checks of `idvault generate` that need no model run before a job is queued: an
+    identity without the artifact its method reads (422: well formed, but not what this
+    vault holds; naming the kind and how to make it), and on a server that runs its jobs
+    a missing base model (422 too, saying what the operator should do), on both
+    endpoints. No job is created."""
+    ok = gen_web.enroll("smiths/ana", 1)  # the face artifact only
+    assert ok.status_code == 201, ok.get_data(as_text=True)
+    jobs_before = gen_web.client.get("/v1/jobs", headers=gen_web.headers()).get_json()["items"]
+    for body, needle in (
+            ({"prompt": "@smiths/ana reading", "method": "photomaker"},
+             "smiths/ana has no photomaker artifact (enroll with --kinds photomaker)"),
+            ({"prompt": "@smiths/ana reading", "method": {"@smiths/ana": "lidb"}},
+             "smiths/ana has no lidb artifact (fit one with `idvault personalize"),
+            ({"prompt": "@smiths/ana reading"},
+             "smiths/ana cannot be generated with any method")):
+        for path, doc in (("/v1/generate", body),
+                          ("/v1/jobs", {"kind": "generate", "params": body})):
+            resp = gen_web.client.post(path, headers=gen_web.headers(), json=doc)
+            assert resp.status_code == 422, (path, body, resp.get_data(as_text=True))
+            error = resp.get_json()["error"]
+            assert set(resp.get_json()) == {"error"} and error["code"] == "unprocessable"
+            assert needle in error["message"] and error["details"]["handle"] == "smiths/ana"
+    assert gen_web.client.get("/v1/jobs", headers=gen_web.headers()
+                              ).get_json()["items"] == jobs_before
+    # `web` has the face models but no SDXL base model: nothing it could run.
+    for path, doc in (("/v1/generate", {"prompt": "a quiet lake"}),
+                      ("/v1/jobs", {"kind": "generate", "params": {"prompt": "a quiet lake"}})):
+        resp = web.client.post(path, headers=web.headers(), json=doc)
+        assert resp.status_code == 422, resp.get_data(as_text=True)
+        error = resp.get_json()["error"]
+        assert error["code"] == "unprocessable" and "no SDXL base model" in error["message"]
+        assert "pytest" not in error["message"]  # the server's folders stay in its log
+    assert web.client.get("/v1/jobs", headers=web.headers()).get_json()["items"] == []
+    # A scale-out API node holds no models: the workers' base model is theirs to check.
+    sent: list[tuple] = []
+    web.state.jobs.dispatch = lambda *job: sent.append(job)
+    try:
+        resp = web.client.post("/v1/generate", headers=web.headers(),
+                               json={"prompt": "a quiet lake"})
+        assert resp.status_code == 202, resp.get_data(as_text=True)
+        assert [j[0] for j in sent] == [resp.get_json()["id"]]
+    finally:
+        web.state.jobs.dispatch = None
 
 def test_cancel_a_running_generation(gen_web):
     web = gen_web
@@ -313,11 +360,12 @@ def test_four_identities_with_four_methods_in_one_scene(gen_web):
     prompt = ("@smiths/ana:girl, @smiths/ben:man, @smiths/cai:woman and @smiths/dee:boy "
               "on a beach")
     # Names the API checks before queueing: an unknown method, a handle not in the prompt.
-    for bad, needle in (({"@smiths/ana": "dreambooth"}, "'method' must be one of"),
-                        ({"@smiths/zed": "faceid"}, "does not mention: @smiths/zed")):
+    # (400: against the document; 422: valid by it, refused for what the prompt says)
+    for bad, status, needle in (({"@smiths/ana": "dreambooth"}, 400, "'method' must be one of"),
+                                ({"@smiths/zed": "faceid"}, 422, "does not mention: @smiths/zed")):
         resp = web.client.post("/v1/generate", headers=web.headers("smiths", "generate"),
                                json={"prompt": prompt, "method": bad})
-        assert resp.status_code == 400 and needle in resp.get_json()["error"]["message"], \
+        assert resp.status_code == status and needle in resp.get_json()["error"]["message"], \
             resp.get_data(as_text=True)
     job = generate(web, prompt=prompt, size=[128, 64],
                    method={f"@{h}": m for h, m in methods.items()})

@@ -168,6 +168,63 @@ def test_non_images_and_decompression_bombs(web, before):
     nothing_stored(web, before)
 
 
+def _image(width: int, height: int, mode: str = "RGB", **kwargs) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, (width, height)).save(buf, "PNG", **kwargs)
+    return buf.getvalue()
+
+
+def _huge_palette_png() -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    ihdr = struct.pack(">IIBBBBB", 64, 64, 8, 3, 0, 0, 0)
+    pixels = zlib.compress(b"".join(b"\x00" + bytes(64) for _ in range(64)))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"PLTE", bytes(range(256)) * 300) + chunk(b"IDAT", pixels)
+            + chunk(b"IEND", b""))
+
+
+# Decodable but hostile: a 60000x2 PNG once reached OpenCV and answered 500.
+HOSTILE_IMAGES = [
+    ("strip.png", _image(60000, 2), "30000 times as wide"),
+    ("tower.png", _image(2, 60000), "30000 times as high"),
+    ("dot.png", _image(1, 1), "too small"),
+    ("thumb.png", _image(31, 31), "too small"),
+    ("palette.png", _huge_palette_png(), "palette"),
+]
+
+
+def test_hostile_images_get_a_clear_4xx_naming_the_problem(web, before):
+    for name, data, words in HOSTILE_IMAGES:
+        e = refused(web.client.post(
+            "/v1/identities/smiths/ana/enroll", headers=web.headers(),
+            data={"photos": [(io.BytesIO(data), name)], "consent": json.dumps(consent_doc())},
+            content_type="multipart/form-data"), 422, words)
+        assert e["code"] == "photo_rejected" and e["details"]["photos"] == [
+            {"photo": name, "ok": False, "reason": e["details"]["photos"][0]["reason"]}]
+        assert words in e["details"]["photos"][0]["reason"]
+    # /photos/check answers one result per photo (the UI shows each beside its photo):
+    # every hostile one is refused there with its reason, and the good one passes.
+    uploads = [(io.BytesIO(data), name) for name, data, _ in HOSTILE_IMAGES]
+    resp = web.client.post("/v1/photos/check", headers=web.headers(), content_type=
+                           "multipart/form-data",
+                           data={"photos": [*uploads, (io.BytesIO(photo_bytes(1)), "ok.jpg")]})
+    assert resp.status_code == 200, resp.get_data(as_text=True)[:500]
+    results = resp.get_json()["photos"]
+    assert [r["photo"] for r in results] == [n for n, _, _ in HOSTILE_IMAGES] + ["ok.jpg"]
+    for (name, _, words), r in zip(HOSTILE_IMAGES, results, strict=False):
+        assert r["ok"] is False and r["reason"].startswith(f"{name}: ") and words in r["reason"]
+    assert results[-1]["ok"] is True
+    nothing_stored(web, before)
+
+
 HOSTILE_PATHS = [
     "/v1/identities/smiths/..", "/v1/identities/../etc", "/v1/identities/%2e%2e/passwd",
     "/v1/identities/smiths/..%2f..%2fetc%2fpasswd", "/v1/identities/smiths/ana%00",

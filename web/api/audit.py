@@ -7,7 +7,15 @@ from flask import jsonify, request
 from vault import audit
 from vault.errors import InvalidInput
 from vault.handles import Handle
-from web.api.blueprint import ApiBlueprint, int_arg, json_response, query_param, ref, state
+from web.api.blueprint import (
+    HANDLE_SCHEMA,
+    ApiBlueprint,
+    int_arg,
+    json_response,
+    query_param,
+    ref,
+    state,
+)
 from web.auth import require
 
 bp = ApiBlueprint("audit", __name__, tag="audit")
@@ -22,10 +30,10 @@ def describe_event(e) -> dict:
        scope="identities:read",
        query=[query_param("limit", {"type": "integer", "minimum": 1, "maximum": 500},
                           "page size (default 100)"),
-              query_param("before", {"type": "integer", "minimum": 1},
+              query_param("before", {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
                           "only events older than this sequence number (the next_before of "
                           "the previous page)"),
-              query_param("subject", {"type": "string", "maxLength": 80},
+              query_param("subject", HANDLE_SCHEMA,
                           "only events about this handle (OWNER/NAME)")],
        responses={"200": json_response("a page of events", ref("AuditPage"))})
 def list_events():
@@ -46,8 +54,11 @@ def list_events():
 
 @bp.op("/audit/verify", "GET", summary="Check the audit log's hash chain (the whole vault's)",
        scope="admin", responses={"200": json_response("the result", ref("AuditVerify"))},
-       description="Reports whether the chain is intact and how many events this owner has; "
-                   "it names the first bad event only when that event is this owner's.")
+       description="Reports whether the chain is intact, and agrees with the signed "
+                   "checkpoints of its head in the key store, and how many events this "
+                   "owner has; it names the first bad event only when that event is this "
+                   "owner's. The head itself is printed by `idvault audit verify` only: its "
+                   "sequence number would tell one owner how busy the others are.")
 def verify():
     p = require("admin")
     st = state()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from flask import Blueprint, request
 
 from vault.errors import InvalidInput
+from vault.handles import MAX_NAME, RESERVED
 from web.errors import UnsupportedMediaType
 
 
@@ -143,11 +144,22 @@ def items_of(name: str) -> dict:
             "properties": {"items": {"type": "array", "items": ref(name)}}}
 
 
-# Names: 1-32 of a-z, 0-9 and '-', starting with a letter, no '--', no trailing '-'
-# (vault/handles.py; reserved words are refused too, with 400).
-NAME_PATTERN = "^[a-z](-?[a-z0-9]){0,15}$"
-HANDLE_PARAMS = {"owner": {"type": "string", "pattern": NAME_PATTERN, "example": "smiths"},
-                 "name": {"type": "string", "pattern": NAME_PATTERN, "example": "ana"}}
+# Names and handles exactly as vault/handles.py rules them (a test checks the two agree):
+# 1-32 of a-z, 0-9 and '-', starting with a letter, no '--', no trailing '-', not a
+# reserved word. A '-' must be followed by a letter or digit, which the lookahead says
+# while every repetition stays one character (so the count bounds the length). END is '$'
+# that also holds in Python, where '$' matches before a final newline.
+END = r"$(?!\n)"
+_NAME_RE = rf"[a-z](?:[a-z0-9]|-(?=[a-z0-9])){{0,{MAX_NAME - 1}}}"
+_RESERVED_RE = "|".join(sorted(RESERVED))
+NAME_SCHEMA = {"type": "string", "pattern": f"^{_NAME_RE}{END}", "maxLength": MAX_NAME,
+               "not": {"enum": sorted(RESERVED)}}
+HANDLE_SCHEMA = {"type": "string", "maxLength": 2 * MAX_NAME + 2,
+                 "pattern": rf"^@?(?!(?:{_RESERVED_RE})/){_NAME_RE}"
+                            rf"/(?!(?:{_RESERVED_RE}){END}){_NAME_RE}{END}",
+                 "description": "a handle, OWNER/NAME (a leading '@' is allowed)"}
+HANDLE_PARAMS = {"owner": {**NAME_SCHEMA, "example": "smiths"},
+                 "name": {**NAME_SCHEMA, "example": "ana"}}
 
 
 def state():

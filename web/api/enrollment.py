@@ -24,16 +24,19 @@ process or, on a scale-out deployment, as an ``enroll`` job in mode ``add_kinds`
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 from flask import jsonify, request
 
 from encoders import enrollment_kinds
 from encoders.photo import load_photo
+from encoders.preflight import check_enrollment
 from vault import identities, staged_photos
 from vault.artifact_kinds import ENROLL_KINDS
-from vault.errors import InvalidInput, NotFound, PhotoRejected
+from vault.errors import Conflict, InvalidConsent, InvalidInput, NotFound, PhotoRejected
 from web.api.blueprint import (
+    END,
     HANDLE_PARAMS,
     ApiBlueprint,
     json_body,
@@ -43,7 +46,7 @@ from web.api.blueprint import (
 )
 from web.api.identities import parse_consent
 from web.auth import handle_in_owner, require
-from web.errors import ServiceUnavailable, UnsupportedMediaType
+from web.errors import ServiceUnavailable, Unprocessable, UnsupportedMediaType
 
 bp = ApiBlueprint("enrollment", __name__, tag="enrollment")
 
@@ -57,7 +60,10 @@ PHOTOS_SCHEMA = {"type": "array", "minItems": 1, "maxItems": 32,
                  "items": {"type": "string", "format": "binary"},
                  "description": "JPEG, PNG or WebP photos, one person each (at most 20 MB and "
                                 "40 megapixels each)"}
-PICK_SCHEMA = {"type": "string", "maxLength": 16,
+PICK_RE = "largest|[0-9]|[1-5][0-9]|6[0-3]"
+# A form field is text, so the index may be given as a number too (it arrives as "3").
+PICK_SCHEMA = {"type": ["string", "integer"], "pattern": f"^(?:{PICK_RE})?{END}",
+               "minimum": 0, "maximum": 63,
                "description": "when a photo shows several usable faces: 'largest' or an "
                               "index (0 = leftmost)"}
 
@@ -105,7 +111,7 @@ def parse_pick(raw: str | None):
         return None
     if raw == "largest":
         return "largest"
-    if raw.isdigit() and int(raw) < 64:
+    if re.fullmatch(PICK_RE, raw):
         return int(raw)
     raise InvalidInput("'pick' must be 'largest' or a face index 0-63 (0 = leftmost)")
 
@@ -190,6 +196,12 @@ def identity_exists(handle: str) -> bool:
     return True
 
 
+def kinds_list_re(kinds: tuple[str, ...]) -> str:
+    """A regular expression of a comma-separated list of ``kinds`` (as parsed here)."""
+    one = r"\s*(?:" + "|".join(kinds) + r")\s*"
+    return f"{one}(?:,{one})*"
+
+
 def parse_kinds(raw: str | None) -> tuple[str, ...]:
     if raw is None or not raw.strip():
         return ("face",)
@@ -215,16 +227,19 @@ def per_photo(names: list[str], exc: PhotoRejected) -> PhotoRejected:
            "type": "object", "required": ["photos"],
            "properties": {
                "photos": PHOTOS_SCHEMA,
-               "consent": {"type": "string", "description": "the consent record, JSON "
-                           "(docs/consent.md; not 'evidence_file'); required for a new "
-                           "identity, refused for an existing one"},
+               "consent": {**ref("ConsentForm"), "description": "the consent record as "
+                           "JSON (docs/consent.md; not 'evidence_file'); required for a new "
+                           "identity (422 without), refused for an existing one (409); "
+                           "instead of 'evidence_sha256' the form may carry 'evidence'"},
                "evidence": {"type": "string", "format": "binary", "description":
                             "the consent evidence (a signed form); only its SHA-256 is kept"},
                "pick": PICK_SCHEMA,
-               "kinds": {"type": "string", "maxLength": 64, "description":
+               "kinds": {"type": "string", "maxLength": 64,
+                         "pattern": f"^(?:{kinds_list_re(ENROLL_KINDS)})?$", "description":
                          "artifacts to compute, comma-separated (default 'face'; "
                          "'photomaker', 'storymaker', 'faceid' and 'instantid' need their "
-                         "models on the server)"}}}}}},
+                         "models on the server)"}}},
+           "encoding": {"consent": {"contentType": "application/json"}}}}},
        responses={
            "201": json_response("a new identity: active, or held for review",
                                 ref("EnrollmentReport")),
@@ -253,8 +268,8 @@ def enroll(owner: str, name: str):
     consent = None
     if consent_raw is not None and consent_raw.strip():
         if exists:
-            raise InvalidInput(f"{handle} already exists with its consent record; adding "
-                               "photos takes no consent (leave 'consent' out)")
+            raise Conflict(f"{handle} already exists with its consent record; adding "
+                           "photos takes no consent (leave 'consent' out)")
         try:
             doc = json.loads(consent_raw)
         except ValueError as exc:
@@ -263,9 +278,14 @@ def enroll(owner: str, name: str):
             raise InvalidInput("'consent' is not valid JSON: nested too deeply") from None
         consent = parse_consent(doc, evidence_bytes)
     elif not exists:
-        raise InvalidInput(f"{handle} is a new identity: enrolling it needs a consent record "
-                           "(the 'consent' field)")
+        # 422 like any other consent refusal: whether it is needed depends on what is stored.
+        raise InvalidConsent(f"{handle} is a new identity: enrolling it needs a consent "
+                             "record (the 'consent' field)")
     kinds = parse_kinds(request.form.get("kinds"))
+    # What the vault would refuse when it stores (consent not granting enroll, held for
+    # review, being erased), before any photo is analysed or staged and a job queued:
+    # `idvault enroll`'s model-free checks.
+    check_enrollment(state().vault, handle, consent=consent, photos=(), kinds=kinds)
     if scale_out():
         job = queue_enrollment(p, handle, photos, names, consent=consent, pick=pick,
                                kinds=kinds)
@@ -318,7 +338,7 @@ def kinds_request() -> tuple[list[str], bool, object, list[bytes], list[str]]:
        summary="Add artifact kinds to an enrolled identity, from photos where the stored "
                "data does not suffice", scope="identities:write", path_params=HANDLE_PARAMS,
        description="Without photos no model runs: kinds the identity holds are reported "
-                   "(status 'unchanged'), any other is refused with 400 saying what it "
+                   "(status 'unchanged'), any other is refused with 422 saying what it "
                    "needs (the vault keeps no photos). With photos, each must show the "
                    "identity (its best similarity to the enrolled face reaching the review "
                    "threshold) or nothing is stored; they are used for the new kinds only. "
@@ -328,19 +348,24 @@ def kinds_request() -> tuple[list[str], bool, object, list[bytes], list[str]]:
                "type": "object", "required": ["kinds"],
                "properties": {
                    "kinds": {"type": "string", "maxLength": 64,
+                             "pattern": f"^{kinds_list_re(enrollment_kinds.ADDABLE_KINDS)}$",
                              "description": KINDS_DESCRIPTION},
                    "photos": {**PHOTOS_SCHEMA, "minItems": 0,
                               "description": "photos of the identity (optional; "
                                              + PHOTOS_SCHEMA["description"] + ")"},
                    "pick": PICK_SCHEMA,
-                   "replace": {"type": "string", "enum": ["true", "false"],
-                               "description": REPLACE_DESCRIPTION}}}},
+                   # A form field is text: 1 and true arrive as "1" and "true".
+                   "replace": {"enum": ["true", "false", "1", "0", "", True, False, 1, 0],
+                               "description": REPLACE_DESCRIPTION
+                               + "; it needs photos (422 without)"}}}},
            "application/json": {"schema": {
                "type": "object", "required": ["kinds"], "additionalProperties": False,
                "properties": {
-                   "kinds": {"type": "array", "maxItems": 8, "items": {
+                   "kinds": {"type": "array", "minItems": 1, "maxItems": 8, "items": {
                        "type": "string", "enum": list(enrollment_kinds.ADDABLE_KINDS)}},
-                   "replace": {"type": "boolean", "description": REPLACE_DESCRIPTION}}}}}},
+                   # Replacing recomputes from photos, which JSON cannot carry.
+                   "replace": {"type": "boolean", "const": False,
+                               "description": "false: replacing needs photos (multipart)"}}}}}},
        responses={
            "200": json_response("kinds added (status 'added'), or all already held "
                                 "(status 'unchanged')", ref("KindsReport")),
@@ -363,8 +388,16 @@ def add_kinds(owner: str, name: str):
     kinds, replace, pick, photos, names = kinds_request()
     st = state()
     if not photos:  # no model needed: held kinds, or what the others need
-        return jsonify(enrollment_kinds.stored_kinds(st.vault, handle, kinds,
-                                                     replace=replace).to_json()), 200
+        try:
+            held = enrollment_kinds.stored_kinds(st.vault, handle, kinds, replace=replace)
+        except InvalidInput as exc:
+            if type(exc) is not InvalidInput or not (replace or "needs_photos" in exc.details):
+                raise
+            # Valid by the document; what it needs depends on what the identity holds (and
+            # 'replace' needs photos: a rule the multipart schema leaves to the text, since
+            # schemathesis 4.32 cannot check 'if' against file parts).
+            raise Unprocessable(exc.message, **exc.details) from None
+        return jsonify(held.to_json()), 200
     enrollment_kinds.held_kinds(st.vault, handle)  # 404, 409 or consent before staging
     if scale_out():
         job = queue_enrollment(p, handle, photos, names, pick=pick, kinds=tuple(kinds),

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
-import tempfile
 import warnings
-from pathlib import Path
 
 from flask import jsonify, request, send_file
 from PIL import Image
@@ -15,9 +13,17 @@ from PIL import Image
 from generators.provenance import verify_image
 from vault.errors import InvalidInput
 from web import generation
-from web.api.blueprint import ApiBlueprint, json_body, json_request, json_response, ref, state
+from web.api.blueprint import (
+    HANDLE_SCHEMA,
+    ApiBlueprint,
+    json_body,
+    json_request,
+    json_response,
+    ref,
+    state,
+)
 from web.auth import require
-from web.errors import UnsupportedMediaType
+from web.errors import Unprocessable, UnsupportedMediaType
 
 bp = ApiBlueprint("generation", __name__, tag="generation")
 
@@ -44,6 +50,7 @@ GENERATE_BODY = {
         "method": {"oneOf": [
             {"type": "string", "enum": list(generation.METHOD_CHOICES)},
             {"type": "object", "minProperties": 1, "maxProperties": generation.MAX_METHODS,
+             "propertyNames": HANDLE_SCHEMA,
              "additionalProperties": {"type": "string",
                                       "enum": list(generation.METHOD_CHOICES)}}],
                    "description": "auto (default), one method for every identity, or an "
@@ -79,11 +86,20 @@ def _verification(v) -> dict:
        description="Queues a job; poll `GET /jobs/{job_id}`, then fetch "
                    "`GET /jobs/{job_id}/image`. The prompt's identities are checked now (an "
                    "unknown or another owner's handle: 404; held for review: 409; consent "
-                   "not granting `generate`, or `commercial` when asked: 403) and again "
-                   "when the job runs, where a refusal fails the job with the reason.",
+                   "not granting `generate`, or `commercial` when asked: 403; no artifact "
+                   "its method reads, or no base model on a server that runs its jobs: "
+                   "422) and again when the job runs, where a refusal fails the job with "
+                   "the reason.",
        body=json_request(GENERATE_BODY),
        responses={"202": json_response("queued", ref("Job")),
                   "403": json_response("an identity's consent refuses this use", ref("Error")),
+                  "422": json_response("a malformed @mention in the prompt, 'method' names "
+                                       "an identity the prompt does not "
+                                       "mention, an identity lacks the artifact its "
+                                       "method reads, or this server (running its jobs "
+                                       "itself) has no base model", ref("Error")),
+                  "503": json_response("this server has no generation models (the "
+                                       "operator installs them)", ref("Error")),
                   "404": json_response("a handle that is unknown or of another owner",
                                        ref("Error")),
                   "409": json_response("an identity is held for review", ref("Error"))})
@@ -91,7 +107,14 @@ def submit_generation():
     p = require("generate")
     doc = json_body(required=("prompt",), optional=generation.PARAMS[1:])
     params = generation.validate(doc)
-    return jsonify(state().jobs.submit(p.owner, generation.KIND, params, actor=p.actor)), 202
+    try:
+        job = state().jobs.submit(p.owner, generation.KIND, params, actor=p.actor)
+    except InvalidInput as exc:
+        if type(exc) is not InvalidInput or "mention" not in exc.details:
+            raise
+        # Any text is a prompt by the document; an '@' that starts no handle is its meaning.
+        raise Unprocessable(exc.message, **exc.details) from None
+    return jsonify(job), 202
 
 
 @bp.op("/jobs/<job_id>/image", "GET", summary="The signed PNG a generate job made",
@@ -127,12 +150,14 @@ def verify_job_image(job_id: str):
            "properties": {"image": {"type": "string", "format": "binary",
                                     "description": "a PNG (other formats carry no "
                                                    "manifest)"}}}}}},
-       responses={"200": json_response("the verdict", ref("Verification"))})
+       responses={"200": json_response("the verdict", ref("Verification")),
+                  "422": json_response("the upload is not a readable image", ref("Error"))})
 def verify_upload():
     require("identities:read")
     if request.mimetype != "multipart/form-data":
         raise UnsupportedMediaType("send the image as multipart/form-data in the field 'image'")
-    unknown = sorted(str(k) for k in (set(request.form) | set(request.files)) - {"image"})
+    unknown = sorted(str(k) for k in (set(request.form) | set(request.files))
+                     - {"image", "csrf_token"})
     if unknown:
         raise InvalidInput(f"unknown field(s): {', '.join(unknown)} (fields: image)")
     files = request.files.getlist("image")
@@ -140,16 +165,15 @@ def verify_upload():
         raise InvalidInput("send exactly one file in the multipart field 'image'")
     data = files[0].read(MAX_VERIFY_BYTES + 1)
     if not data:
-        raise InvalidInput("the image is empty")
+        raise Unprocessable("the image is empty")  # a file part, as the document says
     if len(data) > MAX_VERIFY_BYTES:
         raise InvalidInput(f"the image is larger than {MAX_VERIFY_BYTES} bytes")
     _check_pixels(data)
-    with tempfile.TemporaryDirectory(prefix="idvault-verify-") as tmp:
-        path = Path(tmp) / "uploaded.png"
-        path.write_bytes(data)
-        try:
-            v = verify_image(state().vault, path)
-        except (ValueError, EOFError, struct.error, MemoryError,
-                Image.DecompressionBombError) as exc:  # e.g. a decompression bomb
-            raise InvalidInput(f"cannot read the upload as an image: {exc}") from None
+    try:  # in memory: an upload never reaches a disk (docs/security.md)
+        v = verify_image(state().vault, "uploaded.png", data=data)
+    except (ValueError, EOFError, struct.error, MemoryError,
+            Image.DecompressionBombError) as exc:  # e.g. a decompression bomb
+        raise Unprocessable(f"cannot read the upload as an image: {exc}") from None
+    except InvalidInput as exc:  # not an image: valid by the document, unreadable (422)
+        raise Unprocessable(exc.message) from None
     return jsonify(_verification(v))

@@ -97,7 +97,9 @@ def list_identities():
 @bp.op("/identities", "POST", summary="Create an identity with its consent record (no photos)",
        scope="identities:write",
        body=json_request(ref("IdentityCreate")),
-       responses={"201": json_response("created", ref("Identity"))},
+       responses={"201": json_response("created", ref("Identity")),
+                  "422": json_response("the consent record is refused on what it says (e.g. "
+                                       "'retain_until' not in the future)", ref("Error"))},
        description="Enroll photos afterwards with `POST /identities/{owner}/{name}/enroll`, "
                    "or create and enroll in one call there.")
 def create_identity():
@@ -139,12 +141,25 @@ def get_consent(owner: str, name: str):
     return jsonify(describe_for("identities:read", owner, name)["consent"])
 
 
+@bp.op("/identities/<owner>/<name>/receipt", "GET",
+       summary="The signed receipt of the identity's completed erasure, again",
+       scope="identities:read", path_params=HANDLE_PARAMS,
+       responses={"200": json_response("the signed receipt, as stored when the erasure "
+                                       "completed", ref("SignedReceipt"))},
+       description="Every completed erasure stores its receipt. 404 when no identity of "
+                   "this handle was erased; 409 while its erasure is unfinished.")
+def get_erasure_receipt(owner: str, name: str):
+    p = require("identities:read")
+    return jsonify(state().vault.erasure_receipt(handle_in_owner(p, owner, name)))
+
+
 @bp.op("/identities/<owner>/<name>/consent/withdraw", "POST",
        summary="Withdraw consent: blocked at once, erased per the owner's policy",
        scope="identities:write", path_params=HANDLE_PARAMS,
        body={"required": False, "content": {"application/json": {"schema": {
            "type": "object", "additionalProperties": False,
-           "properties": {"reason": {"type": "string", "maxLength": 500}}}}}},
+           "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 500,
+                                     "pattern": r"\S"}}}}}},
        responses={"200": json_response("withdrawn (and the receipt when erased at once)",
                                        ref("Withdrawal"))})
 def withdraw_consent(owner: str, name: str):

@@ -15,6 +15,7 @@ from vault.errors import InvalidInput
 from vault.jobs import describe_kinds
 from vault.models import JOB_STATUSES
 from web.api.blueprint import (
+    HANDLE_SCHEMA,
     ApiBlueprint,
     choice_arg,
     int_arg,
@@ -28,6 +29,7 @@ from web.api.blueprint import (
     string_field,
 )
 from web.auth import handle_in_owner, require
+from web.errors import Unprocessable
 
 bp = ApiBlueprint("jobs", __name__, tag="jobs")
 
@@ -63,10 +65,14 @@ def list_jobs():
        description="The scope needed is the kind's (`GET /job-kinds`).",
        body=json_request({"type": "object", "required": ["kind"],
                           "additionalProperties": False,
-                          "properties": {"kind": {"type": "string", "maxLength": 32},
+                          "properties": {"kind": {"type": "string", "maxLength": 32,
+                                                  "description": "a kind of GET /job-kinds "
+                                                  "without trusted_params"},
                                          "params": {"type": "object"},
-                                         "identity": {"type": "string", "maxLength": 80}}}),
-       responses={"202": json_response("queued", ref("Job"))})
+                                         "identity": HANDLE_SCHEMA}}),
+       responses={"202": json_response("queued", ref("Job")),
+                  "422": json_response("the params (or identity) do not suit the kind",
+                                       ref("Error"))})
 def submit_job():
     require(None)
     doc = json_body(required=("kind",), optional=("params", "identity"))
@@ -85,8 +91,14 @@ def submit_job():
     if identity is not None:
         owner, _, name = identity.removeprefix("@").partition("/")
         identity = handle_in_owner(p, owner, name)
-    return jsonify(jobs.submit(p.owner, kind.name, params, identity=identity,
-                               actor=p.actor)), 202
+    try:
+        job = jobs.submit(p.owner, kind.name, params, identity=identity, actor=p.actor)
+    except InvalidInput as exc:
+        if type(exc) is not InvalidInput:
+            raise
+        # The document says 'params' is an object; what each kind takes is the kind's.
+        raise Unprocessable(exc.message, **exc.details) from None
+    return jsonify(job), 202
 
 
 @bp.op("/jobs/<job_id>", "GET", summary="A job's status, progress and result",

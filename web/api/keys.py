@@ -35,6 +35,8 @@ def create_key_for(p, name: str, scopes: object, expires_in_days: object):
 
         raise Forbidden(f"cannot grant scope(s) you do not hold: {', '.join(beyond)}")
     expires = None
+    if isinstance(expires_in_days, float) and expires_in_days.is_integer():
+        expires_in_days = int(expires_in_days)  # JSON Schema: 30.0 is an integer
     if expires_in_days is not None:
         if isinstance(expires_in_days, bool) or not isinstance(expires_in_days, int) or not (
                 1 <= expires_in_days <= api_keys.MAX_EXPIRY_DAYS):
@@ -61,11 +63,16 @@ def list_keys():
        body=json_request({"type": "object", "required": ["name", "scopes"],
                           "additionalProperties": False,
                           "properties": {
-                              "name": {"type": "string", "minLength": 1, "maxLength": 64},
+                              "name": {"type": "string", "minLength": 1, "maxLength": 64,
+                                       # printable: no control character, not blank
+                                       "pattern": r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f]"
+                                                  r"[^\x00-\x1f\x7f]*$(?!\n)"},
                               "scopes": {"type": "array", "minItems": 1, "items": {
                                   "type": "string", "enum": list(api_keys.SCOPES)}},
-                              "expires_in_days": {"type": "integer", "minimum": 1,
-                                                  "maximum": api_keys.MAX_EXPIRY_DAYS}}}),
+                              "expires_in_days": {
+                                  "type": ["integer", "null"], "minimum": 1,
+                                  "maximum": api_keys.MAX_EXPIRY_DAYS,
+                                  "description": "null or absent: the key never expires"}}}),
        responses={"201": json_response("created", ref("ApiKeyCreated"))})
 def create_key():
     p = require("admin")

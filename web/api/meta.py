@@ -16,7 +16,9 @@ bp = ApiBlueprint("meta", __name__, tag="meta")
 def openapi_document():
     # The app's own area blueprints, in registration order (nested: "api.<area>").
     areas = [bp for bp in current_app.blueprints.values() if isinstance(bp, ApiBlueprint)]
-    return jsonify(build_document(areas))
+    kinds = [k for k, spec in current_app.extensions["idvault"].jobs.registry.items()
+             if not spec.trusted_params]
+    return jsonify(build_document(areas, job_kinds=sorted(kinds)))
 
 
 @bp.op("/health", "GET", summary="Liveness: the server answers (no authentication)",

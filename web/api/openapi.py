@@ -4,7 +4,10 @@ Every route of ``web/api/*`` is declared with ``ApiBlueprint.op`` (path,
 method, scope, parameters, request body, responses); this module adds the
 shared schemas and the security schemes. tests/web/api/test_openapi.py checks
 that the document validates, that it lists exactly the app's ``/v1`` routes,
-and a property-based fuzzer (schemathesis) checks the responses against it.
+and a property-based fuzzer (schemathesis) checks the responses against it;
+tests/web/api/test_schemathesis_server.py runs schemathesis with its default
+checks over a running server. It is OpenAPI 3.1, so that it can say the rules
+the server checks (``if``/``then``, ``contains``, ``propertyNames``, ``not``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from vault.api_keys import SCOPES
 from vault.consent import GIVEN_BY, PURPOSES
 from vault.models import IDENTITY_STATUSES, JOB_STATUSES, REVIEW_STATUSES
-from web.api.blueprint import ApiBlueprint
+from web.api.blueprint import NAME_SCHEMA, ApiBlueprint
 
 STR = {"type": "string"}
 NSTR = {"type": "string", "nullable": True}
@@ -55,11 +58,39 @@ SCHEMAS: dict[str, dict] = {
                     "since": STR, "last_login_at": NSTR}),
     "ConsentInput": {
         "type": "object", "additionalProperties": False,
-        "required": ["subject", "given_by", "purposes", "retain_until"],
+        "required": ["subject", "given_by", "purposes", "retain_until", "evidence_sha256"],
         "description": "docs/consent.md; evidence as 'evidence_sha256' (the web does not "
-                       "take 'evidence_file')",
+                       "take 'evidence_file'). 'retain_until' must be in the future (422).",
         "properties": {
-            "subject": {"type": "string", "minLength": 1, "maxLength": 200},
+            "subject": {"type": "string", "minLength": 1, "maxLength": 200,
+                        "pattern": r"\S"},
+            "given_by": {"type": "string", "enum": list(GIVEN_BY)},
+            "guardian_name": {"type": "string", "maxLength": 200, "nullable": True},
+            "purposes": {"type": "array", "minItems": 1,
+                         "items": {"type": "string", "enum": list(PURPOSES)},
+                         "contains": {"const": "enroll"}},
+            "retain_until": {"type": "string", "format": "date"},
+            "evidence_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+        # The rules between fields (vault.consent.ConsentRequest.from_dict).
+        "allOf": [
+            {"if": {"required": ["given_by"], "properties": {"given_by": {"const": "guardian"}}},
+             "then": {"required": ["guardian_name"], "properties": {"guardian_name": {
+                 "type": "string", "pattern": r"\S"}}},
+             "else": {"properties": {"guardian_name": {
+                 "anyOf": [{"type": "null"}, {"const": ""}]}}}},
+            {"if": {"required": ["purposes"], "properties": {"purposes": {
+                "contains": {"const": "commercial"}}}},
+             "then": {"properties": {"purposes": {"contains": {"const": "generate"}}}}}]},
+    # The consent record as a form field of an enrollment (JSON text): the evidence may be
+    # the uploaded 'evidence' instead, and the rules between fields are left to the 422:
+    # schemathesis 4.32 cannot check 'if' beside the form's file parts.
+    "ConsentForm": {
+        "type": "object", "additionalProperties": False,
+        "required": ["subject", "given_by", "purposes", "retain_until"],
+        "description": "as ConsentInput; 'evidence_sha256' or the form's 'evidence'",
+        "properties": {
+            "subject": {"type": "string", "minLength": 1, "maxLength": 200,
+                        "pattern": r"\S"},
             "given_by": {"type": "string", "enum": list(GIVEN_BY)},
             "guardian_name": {"type": "string", "maxLength": 200, "nullable": True},
             "purposes": {"type": "array", "minItems": 1,
@@ -82,7 +113,7 @@ SCHEMAS: dict[str, dict] = {
                           "next_cursor": NSTR}),
     "IdentityCreate": {"type": "object", "additionalProperties": False,
                        "required": ["name", "consent"],
-                       "properties": {"name": {"type": "string", "maxLength": 64},
+                       "properties": {"name": NAME_SCHEMA,
                                       "consent": _ref("ConsentInput")}},
     "SignedReceipt": _obj({
         "receipt": _obj({"type": STR, "handle": STR, "identity": STR, "erased_at": STR,
@@ -174,6 +205,73 @@ they did not exist. Every failure has the shape
 """
 
 
+def _nullable_as_31(node: object) -> object:
+    """The schemas here say ``nullable: true`` (short, as in OpenAPI 3.0); the document is
+    OpenAPI 3.1 (full JSON Schema: ``if``/``then``, ``contains``, ``propertyNames`` say
+    rules 3.0 cannot), where null is a type: rewrite each such schema."""
+    if isinstance(node, list):
+        return [_nullable_as_31(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _nullable_as_31(v) for k, v in node.items() if k != "nullable"}
+    if not node.get("nullable"):
+        return out
+    if "type" in out:
+        out["type"] = [out["type"], "null"]
+        if "enum" in out:
+            out["enum"] = [*out["enum"], None]
+        return out
+    return {"anyOf": [out, {"type": "null"}]}
+
+
+# Any text: a form field is text whatever it spells, so no value breaks a type here.
+CSRF_FIELD = {"description": "a session's CSRF token (or the X-CSRF-Token header)"}
+
+
+def _closed_forms(body: dict) -> dict:
+    """A request body whose multipart form takes only its listed fields (and a session's
+    CSRF token), as ``web.api.enrollment.multipart`` enforces: unknown ones get 400."""
+    content = dict(body.get("content", {}))
+    form = content.get("multipart/form-data")
+    if form:
+        schema = form["schema"]
+        content["multipart/form-data"] = {**form, "schema": {
+            **schema, "additionalProperties": False,
+            "properties": {**schema["properties"], "csrf_token": CSRF_FIELD}}}
+    return {**body, "content": content}
+
+
+def _with_job_kinds(body: dict, kinds: list[str]) -> dict:
+    content = body["content"]["application/json"]
+    schema = content["schema"]
+    props = {**schema["properties"], "kind": {**schema["properties"]["kind"], "enum": kinds}}
+    return {**body, "content": {"application/json": {
+        **content, "schema": {**schema, "properties": props}}}}
+
+
+_JOB_LINKS = {"GetJob": ("get_job", {"job_id": "$response.body#/id"}),
+              "CancelJob": ("cancel_job", {"job_id": "$response.body#/id"})}
+# OpenAPI links: where the ids a response returns lead (clients, and schemathesis' stateful
+# phase, follow them), by (operationId, status).
+LINKS: dict[tuple[str, str], dict[str, tuple[str, dict[str, str]]]] = {
+    ("submit_job", "202"): _JOB_LINKS,
+    ("submit_generation", "202"): _JOB_LINKS,
+    ("submit_personalization", "202"): _JOB_LINKS,
+    ("create_key", "201"): {"RevokeKey": ("revoke_key", {"key_id": "$response.body#/key/id"})},
+}
+
+
+def _with_links(operation_id: str, responses: dict) -> dict:
+    out = dict(responses)
+    for status, response in responses.items():
+        links = LINKS.get((operation_id, status))
+        if links:
+            out[status] = {**response, "links": {
+                name: {"operationId": target, "parameters": params}
+                for name, (target, params) in links.items()}}
+    return out
+
+
 def openapi_path(rule: str) -> str:
     """A Flask rule (relative to /v1) as an OpenAPI path."""
     return "/v1" + re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule)
@@ -186,8 +284,10 @@ def _version() -> str:
         return "0"
 
 
-def build_document(blueprints: Iterable[ApiBlueprint]) -> dict:
-    """The document of the given area blueprints' operations, tags in their order."""
+def build_document(blueprints: Iterable[ApiBlueprint], *,
+                   job_kinds: list[str] | None = None) -> dict:
+    """The document of the given area blueprints' operations, tags in their order;
+    ``job_kinds``: the kinds ``POST /jobs`` takes on this server."""
     paths: dict[str, dict] = {}
     tags = []
     for bp in blueprints:
@@ -195,7 +295,7 @@ def build_document(blueprints: Iterable[ApiBlueprint]) -> dict:
         for op in bp.operations:
             entry: dict = {
                 "operationId": op.operation_id, "summary": op.summary, "tags": [op.tag],
-                "responses": {**op.responses, "default": {
+                "responses": {**_with_links(op.operation_id, op.responses), "default": {
                     "description": "an error (401 unauthenticated, 403 scope or role, 404 "
                                    "not found or another owner's, 4xx invalid input, 5xx)",
                     "content": {"application/json": {"schema": _ref("Error")}}}},
@@ -212,19 +312,21 @@ def build_document(blueprints: Iterable[ApiBlueprint]) -> dict:
             if params:
                 entry["parameters"] = params
             if op.body is not None:
-                entry["requestBody"] = op.body
+                entry["requestBody"] = _closed_forms(op.body)
+                if op.operation_id == "submit_job" and job_kinds is not None:
+                    entry["requestBody"] = _with_job_kinds(entry["requestBody"], job_kinds)
             if op.public:
                 entry["security"] = []
             paths.setdefault(openapi_path(op.rule), {})[op.method.lower()] = entry
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "idvault API", "version": _version(), "description": DESCRIPTION},
         "servers": [{"url": "/"}],
         "tags": tags,
         "security": [{"apiKey": []}, {"session": []}],
-        "paths": paths,
+        "paths": _nullable_as_31(paths),
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": _nullable_as_31(SCHEMAS),
             "securitySchemes": {
                 "apiKey": {"type": "http", "scheme": "bearer",
                            "description": "an API key: `Authorization: Bearer idv_...`"},

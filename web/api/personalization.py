@@ -26,6 +26,7 @@ from vault.errors import InvalidInput
 from web.api.blueprint import HANDLE_PARAMS, ApiBlueprint, json_response, ref, state
 from web.api.enrollment import PHOTOS_SCHEMA, check_decodable, multipart, read_photos
 from web.auth import handle_in_owner, require
+from web.errors import Unprocessable
 
 bp = ApiBlueprint("personalization", __name__, tag="personalization")
 
@@ -60,7 +61,7 @@ def _base_model(raw: str | None) -> str:
                                "workers' models folder")
         return raw
     if not available:
-        raise InvalidInput("this server has no diffusers base model in its models folder "
+        raise Unprocessable("this server has no diffusers base model in its models folder "
                            "(IDVAULT_MODELS) to fit against")
     if raw is None or raw == "":
         if len(available) > 1:

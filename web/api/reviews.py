@@ -11,6 +11,7 @@ from vault import audit, identities
 from vault.errors import NotFound
 from vault.models import REVIEW_STATUSES, Identity, NotSamePair, Review
 from web.api.blueprint import (
+    HANDLE_SCHEMA,
     ApiBlueprint,
     choice_arg,
     items_of,
@@ -93,8 +94,7 @@ def list_not_same():
        scope="identities:write",
        body=json_request({"type": "object", "required": ["a", "b"],
                           "additionalProperties": False,
-                          "properties": {"a": {"type": "string", "maxLength": 80},
-                                         "b": {"type": "string", "maxLength": 80}}},
+                          "properties": {"a": HANDLE_SCHEMA, "b": HANDLE_SCHEMA}},
                          "two handles of the owner"),
        responses={"201": json_response("recorded", ref("NotSamePair"))})
 def create_not_same():

@@ -4,6 +4,7 @@ output and progress bars."""
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -14,8 +15,17 @@ import click
 from vault import errors
 from vault.config import KEY_PROVIDERS, Settings
 
+
+class Interrupted(errors.VaultError):
+    """The user stopped a command (Ctrl-C) and it wound down cleanly: a fit job cancelled at
+    its next step. Exit 130, the shell's code for an interrupted command."""
+
+    code = "interrupted"
+
+
 # Most specific first: the first class an error is an instance of wins.
 EXIT_CODES: list[tuple[type[errors.VaultError], int]] = [
+    (Interrupted, 130),
     (errors.DuplicateIdentity, 10),
     (errors.AuditChainBroken, 3),
     (errors.IntegrityError, 3),
@@ -89,8 +99,38 @@ def progress_bar(desc: str, unit: str = "it"):
     return update
 
 
+# A help text's closing paragraph that shows how to run the command: a \b block whose first
+# line starts with one of these words (see example_last).
+EXAMPLE_HEADINGS = ("Example", "Start here")
+
+
+def example_last(help_text: str | None, epilog: str | None) -> tuple[str | None, str | None]:
+    """``(help, epilog)`` with the help's closing example block moved into the epilog.
+
+    Click prints the help text before the options and the epilog after them; an
+    example belongs at the end, where a reader of ``--help`` looks first, but in
+    the docstring, next to what it illustrates."""
+    if not help_text or epilog:
+        return help_text, epilog
+    text = inspect.cleandoc(help_text)
+    for heading in EXAMPLE_HEADINGS:
+        head, sep, tail = text.partition(f"\n\b\n{heading}")
+        if sep:
+            return head.rstrip(), f"\b\n{heading}{tail}"
+    return help_text, epilog
+
+
 class Group(click.Group):
-    """A click group that lists commands in the order they were added."""
+    """A click group that lists commands in the order they were added, and prints each
+    command's closing example (a ``\b`` paragraph starting "Example") after its options."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.help, self.epilog = example_last(self.help, self.epilog)
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.help, cmd.epilog = example_last(cmd.help, cmd.epilog)
+        super().add_command(cmd, name)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)

@@ -8,6 +8,9 @@ rotation, consent withdrawal and erasure with signed receipts, an audit check,
 and a two-person scene generated from handles with the tiny SDXL stand-in
 (noise, no likeness), signed and verified. A temporary folder (a few hundred MB
 of stand-ins) is removed at the end unless ``--keep``; one the user named is kept.
+
+:func:`write_sample_photos` draws the same synthetic people for ``idvault models tiny
+DIR --photos PHOTOS``, the README's stand-in run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import click
 from vault.config import Settings
 from vault.consent import ConsentRequest
 from vault.errors import DuplicateIdentity
+from vault.private_files import open_private, private_dir, write_private
 from vault.vault import Vault
 
 PEOPLE = {"ana": 1, "ben": 2, "cleo": 3}
@@ -30,14 +34,19 @@ TWIN = ("dan", 4, (3, 0.4))  # Dan shares 40% of Cleo's look: a twin, not a dupl
 SCENE = (("eve", 5), ("finn", 6))  # the two people of the generated scene
 
 
-def _consent(subject: str, guardian: str | None = None) -> ConsentRequest:
-    return ConsentRequest.from_dict({
+def _consent_doc(subject: str, guardian: str | None = None) -> dict:
+    """A consent record of a synthetic person (docs/consent.md), valid for three years."""
+    return {
         "subject": subject, "given_by": "guardian" if guardian else "self",
         **({"guardian_name": guardian} if guardian else {}),
         "purposes": ["enroll", "generate"],
         "retain_until": (dt.date.today() + dt.timedelta(days=3 * 365)).isoformat(),
         "evidence_sha256": hashlib.sha256(f"signed form of {subject}".encode()).hexdigest(),
-    })
+    }
+
+
+def _consent(subject: str, guardian: str | None = None) -> ConsentRequest:
+    return ConsentRequest.from_dict(_consent_doc(subject, guardian))
 
 
 def step(n: int, text: str) -> None:
@@ -53,9 +62,40 @@ def _photos(folder: Path, name: str, person: int, n: int, start: int = 0,
     paths = []
     for i in range(start, start + n):
         path = folder / f"{name}_{i}.png"
-        Image.fromarray(synthetic_face(person, i, kin=kin)).save(path)
+        with open_private(path) as f:
+            Image.fromarray(synthetic_face(person, i, kin=kin)).save(f, format="PNG")
         paths.append(path)
     return paths
+
+
+# The people of `idvault models tiny DIR --photos PHOTOS` (README "Then try it for real").
+SAMPLE_PEOPLE = {"ana": PEOPLE["ana"], "ben": PEOPLE["ben"]}
+SAMPLE_PHOTOS = 3
+
+
+def write_sample_photos(folder: Path) -> list[Path]:
+    """Synthetic photos of :data:`SAMPLE_PEOPLE` (NAME1.png ...) and each one's consent file
+    (NAME-consent.json) in ``folder``; the paths written. Only the tiny stand-in face models
+    find these faces; they carry no real likeness."""
+    import json
+
+    from PIL import Image
+
+    from encoders.standins.synthetic_faces import synthetic_face
+
+    private_dir(folder)
+    written = []
+    for name, person in SAMPLE_PEOPLE.items():
+        for i in range(1, SAMPLE_PHOTOS + 1):
+            path = folder / f"{name}{i}.png"
+            with open_private(path) as f:
+                Image.fromarray(synthetic_face(person, i)).save(f, format="PNG")
+            written.append(path)
+        path = folder / f"{name}-consent.json"
+        write_private(path, (json.dumps(_consent_doc(f"{name.title()} Smith"), indent=2)
+                             + "\n").encode())
+        written.append(path)
+    return written
 
 
 def run_demo(data_dir: Path | None = None, keep: bool = False) -> None:
@@ -101,7 +141,7 @@ def _narrate(data_dir: Path) -> None:
     from encoders.standins.face_pack import write_tiny_face_pack
 
     models, photos = data_dir / "models", data_dir / "photos"
-    photos.mkdir(parents=True, exist_ok=True)
+    private_dir(photos)
 
     step(1, f"offline models and synthetic people in {data_dir}")
     write_tiny_face_pack(models / "models" / "buffalo_l")

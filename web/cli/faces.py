@@ -8,7 +8,6 @@ inside the commands so the rest of the CLI works without it.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -16,6 +15,7 @@ import click
 from vault import errors
 from vault.config import Settings
 from web.cli.common import Group, emit, open_vault, vault_options
+from web.cli.progress import Phase, Progress, progress_option
 
 MODELS_HELP = ("Folder of model files [env IDVAULT_MODELS; default: ~/.insightface, "
                "insightface's own]. A face pack may sit directly in it, in DIR/PACK/ or in "
@@ -65,21 +65,31 @@ def _masks(pairs: tuple[str, ...]) -> dict:
     return masks
 
 
-def _progress():
-    from tqdm import tqdm
-
-    bars: dict[str, tqdm] = {}
+def _progress(report: Progress):
+    """The enroller's ``progress(stage, done, total)`` as one reported phase per stage."""
+    phases: dict[str, Phase] = {}
 
     def update(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            bar = bars[stage] = tqdm(desc=stage, total=total, file=sys.stderr, disable=None,
-                                     leave=False, unit="photo" if "photo" in stage else "step")
-        bar.n = done
-        bar.refresh()
+        phase = phases.get(stage)
+        if phase is None:
+            for earlier in phases.values():
+                earlier.close()  # a new stage: the one before it is over
+            phase = phases[stage] = report.phase(
+                stage, start=stage, done=f"{stage}: done",
+                unit="photo" if "photo" in stage else "step")
+        phase(done, total)
 
-    update.close = lambda: [b.close() for b in bars.values()]  # type: ignore[attr-defined]
+    def close(completed: bool = True) -> None:
+        for phase in phases.values():
+            phase.close(completed=completed)
+
+    update.close = close  # type: ignore[attr-defined]
     return update
+
+
+def _load_enroller(report: Progress, vault, models_dir: Path | None, pack: str):
+    report.say(f"loading face models ({pack})...")
+    return _enroller(vault, models_dir, pack)
 
 
 MASK_HELP = ("Person mask (white = person) for a photo, for StoryMaker's character crop; "
@@ -89,6 +99,11 @@ CLOTH_HELP = "A clothing image to use instead of the character crop (StoryMaker)
 
 def _kinds(value: str) -> list[str]:
     return [k.strip() for k in value.split(",") if k.strip()]
+
+
+def _enroll_kinds(value: str) -> list[str]:
+    """``--kinds`` of ``enroll``: face always comes first, named or not (as over the API)."""
+    return ["face", *dict.fromkeys(k for k in _kinds(value) if k != "face")]
 
 
 @click.command()
@@ -107,10 +122,12 @@ def _kinds(value: str) -> list[str]:
 @click.option("--pick", "pick", default=None, help=PICK_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_models_options
+@progress_option("enroll")
 @vault_options
 def enroll(handle: str, photos: tuple[Path, ...], consent_file: Path | None, kinds: str,
            mask_pairs: tuple[str, ...], cloth_file: Path | None, pick: str | None,
-           as_json: bool, models_dir: Path | None, pack: str, settings: Settings) -> None:
+           as_json: bool, models_dir: Path | None, pack: str, progress: Progress,
+           settings: Settings) -> None:
     """Enroll HANDLE from PHOTOS: check, embed, dedupe, seal and store.
 
     The owner, the consent (a record for a new identity; `enroll` granted for
@@ -121,6 +138,11 @@ def enroll(handle: str, photos: tuple[Path, ...], consent_file: Path | None, kin
     matching an existing identity above the block threshold is refused with
     exit code 10, naming the match; one in the review band is stored on hold
     (see `idvault review`). Enrolling an existing HANDLE adds the photos.
+
+    \b
+    Example (a new identity, with the artifacts PhotoMaker reads):
+      idvault enroll smiths/ana ana1.jpg ana2.jpg ana3.jpg --consent ana-consent.json \\
+          --kinds photomaker
     """
     from encoders.photo import load_photo
     from encoders.preflight import check_enrollment
@@ -131,16 +153,19 @@ def enroll(handle: str, photos: tuple[Path, ...], consent_file: Path | None, kin
     cloth = load_photo(cloth_file, name=cloth_file.name) if cloth_file else None
     with open_vault(settings) as vault:
         # What the vault would refuse when it stores, before any face model loads.
-        check_enrollment(vault, handle, consent=request, photos=photos, kinds=_kinds(kinds))
-        enroller = _enroller(vault, models_dir, pack)
-        bar = _progress()
+        check_enrollment(vault, handle, consent=request, photos=photos,
+                         kinds=_enroll_kinds(kinds))
+        enroller = _load_enroller(progress, vault, models_dir, pack)
+        bar = _progress(progress)
+        completed = False
         try:
             report = enroller.enroll(handle, list(photos), consent=request,
-                                     kinds=_kinds(kinds),
+                                     kinds=_enroll_kinds(kinds),
                                      names=[p.name for p in photos], pick=_pick(pick),
                                      masks=masks, cloth=cloth, progress=bar)
+            completed = True
         finally:
-            bar.close()
+            bar.close(completed)
     doc = report.to_json()
 
     def text() -> str:
@@ -180,10 +205,12 @@ def enroll(handle: str, photos: tuple[Path, ...], consent_file: Path | None, kin
 @click.option("--pick", "pick", default=None, help=PICK_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_models_options
+@progress_option("add-kinds")
 @vault_options
 def add_kinds(handle: str, photos: tuple[Path, ...], kinds: str, replace: bool,
               mask_pairs: tuple[str, ...], cloth_file: Path | None, pick: str | None,
-              as_json: bool, models_dir: Path | None, pack: str, settings: Settings) -> None:
+              as_json: bool, models_dir: Path | None, pack: str, progress: Progress,
+              settings: Settings) -> None:
     """Add artifact kinds to the enrolled HANDLE, from PHOTOS where they are needed.
 
     Without PHOTOS, kinds HANDLE already holds are reported unchanged, and any
@@ -191,6 +218,10 @@ def add_kinds(handle: str, photos: tuple[Path, ...], kinds: str, replace: bool,
     PHOTOS must each show HANDLE (best similarity to its enrolled photos at
     least the review threshold; exit 8 otherwise, nothing stored); they are
     used for the new kinds only, not added to its face artifact and not kept.
+
+    \b
+    Example:
+      idvault add-kinds smiths/ana ana1.jpg ana2.jpg --kinds faceid,instantid
     """
     from encoders.enrollment_kinds import add_kinds as add
     from encoders.enrollment_kinds import stored_kinds
@@ -205,14 +236,16 @@ def add_kinds(handle: str, photos: tuple[Path, ...], kinds: str, replace: bool,
         else:
             masks = _masks(mask_pairs)
             cloth = load_photo(cloth_file, name=cloth_file.name) if cloth_file else None
-            enroller = _enroller(vault, models_dir, pack)
-            bar = _progress()
+            enroller = _load_enroller(progress, vault, models_dir, pack)
+            bar = _progress(progress)
+            completed = False
             try:
                 report = add(enroller, handle, wanted, list(photos),
                              names=[p.name for p in photos], pick=_pick(pick), masks=masks,
                              cloth=cloth, replace=replace, progress=bar)
+                completed = True
             finally:
-                bar.close()
+                bar.close(completed)
     doc = report.to_json()
 
     def text() -> str:
@@ -235,7 +268,12 @@ def add_kinds(handle: str, photos: tuple[Path, ...], kinds: str, replace: bool,
 
 @click.group(cls=Group)
 def review() -> None:
-    """Enrollments held because they resemble an existing identity."""
+    """Enrollments held because they resemble an existing identity.
+
+    \b
+    Example:
+      idvault review list smiths
+    """
 
 
 @review.command("list")
@@ -245,7 +283,12 @@ def review() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @vault_options
 def review_list(owner_name: str | None, status: str, as_json: bool, settings: Settings) -> None:
-    """List reviews (pending by default)."""
+    """List reviews (pending by default).
+
+    \b
+    Example:
+      idvault review list smiths --status accepted
+    """
     with open_vault(settings, check_keys=False) as vault:
         rows = vault.list_reviews(owner_name, status=status)
     emit(rows, as_json, lambda: "\n".join(
@@ -257,7 +300,12 @@ def review_list(owner_name: str | None, status: str, as_json: bool, settings: Se
 @click.argument("review_id", type=int)
 @vault_options
 def review_accept(review_id: int, settings: Settings) -> None:
-    """They are different people: activate the held identity, never flag the pair again."""
+    """They are different people: activate the held identity, never flag the pair again.
+
+    \b
+    Example (review #3 shows twins):
+      idvault review accept 3
+    """
     with open_vault(settings) as vault:
         doc = vault.decide_review(review_id, accept=True)
     click.echo(f"accepted: {doc['handle']} is active; recorded as not the same person as "
@@ -268,7 +316,12 @@ def review_accept(review_id: int, settings: Settings) -> None:
 @click.argument("review_id", type=int)
 @vault_options
 def review_reject(review_id: int, settings: Settings) -> None:
-    """Same person (a duplicate): erase the held identity; prints the signed receipt."""
+    """Same person (a duplicate): erase the held identity; prints the signed receipt.
+
+    \b
+    Example (review #3 is the same person again):
+      idvault review reject 3 > receipt.json
+    """
     with open_vault(settings) as vault:
         doc = vault.decide_review(review_id, accept=False)
     click.echo(json.dumps(doc["receipt"], indent=2, sort_keys=True))
@@ -287,6 +340,10 @@ def verify_face(handle: str, photo: Path, pick: str | None, as_json: bool,
 
     Compares with every enrolled photo; the decision uses the best score and
     the review threshold (IDVAULT_DEDUPE_REVIEW). Audited as a read.
+
+    \b
+    Example:
+      idvault verify-face smiths/ana new-photo.jpg
     """
     with open_vault(settings) as vault:
         doc = _enroller(vault, models_dir, pack).verify(handle, photo, pick=_pick(pick))
@@ -308,7 +365,12 @@ def verify_face(handle: str, photo: Path, pick: str | None, as_json: bool,
 @vault_options
 def search(photo: Path, owner_name: str, k: int, pick: str | None, as_json: bool,
            models_dir: Path | None, pack: str, settings: Settings) -> None:
-    """1:N: the identities of OWNER closest to the person in PHOTO, with decisions."""
+    """1:N: the identities of OWNER closest to the person in PHOTO, with decisions.
+
+    \b
+    Example:
+      idvault search photo.jpg --owner smiths -k 3
+    """
     with open_vault(settings) as vault:
         doc = _enroller(vault, models_dir, pack).search(owner_name, photo, k=k,
                                                         pick=_pick(pick))
@@ -319,19 +381,34 @@ def search(photo: Path, owner_name: str, k: int, pick: str | None, as_json: bool
 
 @click.group(cls=Group)
 def models() -> None:
-    """Model files: check what is installed, or write offline stand-ins."""
+    """Model files: check what is installed, or write offline stand-ins.
+
+    \b
+    Example:
+      idvault models check
+    """
 
 
 @models.command("tiny")
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--photos", "photos_dir", type=click.Path(path_type=Path, file_okay=False),
+              default=None, metavar="PHOTO_DIR",
+              help="Also write synthetic photos these stand-ins detect into PHOTO_DIR: "
+                   "ana1.png-ana3.png, ben1.png-ben3.png, and ana-consent.json, "
+                   "ben-consent.json (consent to enroll and generate).")
 @vault_options
-def models_tiny(directory: Path, settings: Settings) -> None:
+def models_tiny(directory: Path, photos_dir: Path | None, settings: Settings) -> None:
     """Write tiny stand-in models in the real layouts into DIRECTORY.
 
     They make the whole product run offline (tests, demo) but produce NO real
-    likeness: the detector finds only idvault's drawn synthetic faces, and the
-    SDXL stand-in (DIRECTORY/sdxl-tiny, the default base model of `generate`)
-    makes noise, not pictures.
+    likeness: the detector finds only idvault's drawn synthetic faces (--photos
+    writes some, of two synthetic people), and the SDXL stand-in
+    (DIRECTORY/sdxl-tiny, the default base model of `generate`) makes noise,
+    not pictures.
+
+    \b
+    Example (the stand-in run of the README, photos in the current folder):
+      idvault models tiny ~/idvault-tiny --photos .
     """
     from encoders.standins.face_pack import write_tiny_face_pack
     from generators.standins.generation import write_tiny_generation_models
@@ -346,6 +423,13 @@ def models_tiny(directory: Path, settings: Settings) -> None:
                + ", ".join(p.name for p in written.values()))
     click.echo(f"wrote a tiny SDXL pipeline to {sdxl} (the default base model of "
                "`idvault generate --models DIRECTORY`)")
+    if photos_dir is not None:
+        from web.cli.demo import SAMPLE_PEOPLE, write_sample_photos
+
+        written = write_sample_photos(photos_dir)
+        click.echo(f"wrote {len(written) - len(SAMPLE_PEOPLE)} synthetic photos of "
+                   f"{', '.join(SAMPLE_PEOPLE)} and their consent files to {photos_dir}: "
+                   + ", ".join(p.name for p in written))
     click.echo("these stand-ins produce no real likeness; use them with --models "
                f"{directory}")
 
@@ -356,7 +440,12 @@ def models_tiny(directory: Path, settings: Settings) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @vault_options
 def models_check(directory: Path | None, as_json: bool, settings: Settings) -> None:
-    """Report which model files are present (size, SHA-256) and what they enable."""
+    """Report which model files are present (size, SHA-256) and what they enable.
+
+    \b
+    Example:
+      idvault models check ~/.insightface
+    """
     from encoders.face.pack import PACKS, inspect_face_pack
 
     reports = []

@@ -16,7 +16,8 @@ import click
 
 from vault import errors
 from vault.config import Settings
-from web.cli.common import open_vault, progress_bar, vault_options
+from web.cli.common import open_vault, vault_options
+from web.cli.progress import Progress, progress_option
 from web.generation import METHOD_CHOICES
 
 MODELS_HELP = ("Models folder with the identity methods' weights and, unless --base-model is "
@@ -68,18 +69,24 @@ def _size(value: str | None) -> tuple[int, int] | None:
 @click.option("--guidance", "guidance_scale", type=float, default=5.0, show_default=True,
               help="Classifier-free guidance scale.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and timings as JSON.")
+@progress_option("generate")
 @vault_options
 def generate(prompt: str, output: Path, layout: str | None, seed: int | None, steps: int,
              size_text: str | None, methods: tuple[str, ...], base_model: str | None,
              models_dir: Path | None, owner_name: str | None, commercial: bool,
              negative_prompt: str | None, guidance_scale: float, as_json: bool,
-             settings: Settings) -> None:
+             progress: Progress, settings: Settings) -> None:
     """Compose one image from PROMPT, with @OWNER/NAME[:class] handles, and sign it.
 
     Consent (generate, and commercial with --commercial), ownership, the
     needed artifacts, the output path and the base model's folder are checked
     before any model work; every generation is an audit event. The PNG
     carries a signed provenance manifest (check it with `idvault verify`).
+
+    \b
+    Example (two people, each in their half, a fixed seed):
+      idvault generate "@smiths/ana:woman and @smiths/ben:man on a beach" -o beach.png \\
+          --seed 7
     """
     from generators.base_model import find_base_model
     from generators.preflight import preflight
@@ -92,18 +99,25 @@ def generate(prompt: str, output: Path, layout: str | None, seed: int | None, st
         # Every check that needs no model, before torch is imported: an error arrives at
         # once, not after the ML stack and the base model load.
         preflight(vault, prompt, method=method, owner=owner_name, commercial=commercial)
-        find_base_model(base_model, models_dir)
+        source = find_base_model(base_model, models_dir)
+        progress.say("loading torch...")
+        import torch
+
         from generators.compose import ComposePipeline
 
-        pipe = ComposePipeline.from_pretrained(base_model, vault=vault, models_dir=models_dir)
-        bar = progress_bar("generating", unit="step")
-        try:
+        # load_sdxl's default: half precision on CUDA, full on the CPU.
+        dtype = "fp16" if torch.cuda.is_available() else "fp32"
+        name = source.name if isinstance(source, Path) else source
+        progress.say(f"loading base model {name} ({dtype})...")
+        pipe = ComposePipeline.from_pretrained(source, vault=vault, models_dir=models_dir)
+        phase = progress.phase("denoise", start="denoising {total} steps", done="denoised")
+        progress.say("reading identities and encoding the prompt...", phase="prepare")
+        with phase:
             result = pipe(prompt, owner=owner_name, layout=layout, seed=seed, steps=steps,
                           size=size, method=method, commercial=commercial,
                           negative_prompt=negative_prompt, guidance_scale=guidance_scale,
-                          progress=bar)
-        finally:
-            bar.close()
+                          progress=phase)
+            phase.close(took=result.timings.get("denoise"))
         manifest = result.save(output)
     if as_json:
         click.echo(json.dumps({"output": str(output), "manifest": manifest,
@@ -167,7 +181,12 @@ def parse_methods(values: tuple[str, ...]) -> str | dict[str, str]:
 @vault_options
 def verify(image: Path, as_json: bool, settings: Settings) -> None:
     """Check IMAGE's provenance manifest: what made it, or that it was altered or signed by a
-    key this vault does not hold. Exits 0 only when valid."""
+    key this vault does not hold. Exits 0 only when valid.
+
+    \b
+    Example:
+      idvault verify beach.png
+    """
     from generators.provenance import verify_image
 
     with open_vault(settings, check_keys=False) as vault:

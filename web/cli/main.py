@@ -20,6 +20,7 @@ import click
 from encoders.library_output import without_expected_notices
 from vault import errors
 from vault.config import Settings
+from vault.private_files import write_private
 from web.cli.common import (
     Group,
     emit,
@@ -41,12 +42,11 @@ def cli() -> None:
     handle (OWNER/NAME, or @OWNER/NAME in prompts).
 
     \b
-    Start here:
-      idvault init                       create a vault (key file 0600)
-      idvault owner add smiths --kind family
-      idvault identity add smiths/ana --consent consent.json
-      idvault artifact put smiths/ana face face.safetensors
-      idvault demo                       see it all run on throwaway data
+    Start here (after `idvault init` and `idvault owner add smiths --kind family`):
+      idvault enroll smiths/ana ana1.jpg ana2.jpg --consent ana-consent.json --kinds photomaker
+      idvault generate "@smiths/ana:woman reading in a garden" -o ana.png
+      idvault identity show smiths/ana
+      idvault demo           see it all run on throwaway data (stand-in models)
     """
 
 
@@ -58,6 +58,10 @@ def init(settings: Settings) -> None:
 
     With the default file provider this writes DATA_DIR/master.key (mode
     0600). Back it up apart from the data: without it nothing decrypts.
+
+    \b
+    Example (a vault of its own, apart from the default data folder):
+      idvault init --data-dir ~/idvault-try
     """
     from vault.vault import Vault
 
@@ -84,7 +88,12 @@ def _backup_advice(provider) -> str:
 # -- owners ----------------------------------------------------------------------
 @cli.group(cls=Group)
 def owner() -> None:
-    """Families and studios: every identity belongs to one owner."""
+    """Families and studios: every identity belongs to one owner.
+
+    \b
+    Example:
+      idvault owner add smiths --kind family
+    """
 
 
 @owner.command("add")
@@ -97,7 +106,12 @@ def owner() -> None:
                    "retain_until date (then `idvault retention sweep` erases it).")
 @vault_options
 def owner_add(name: str, kind: str, erase_policy: str, settings: Settings) -> None:
-    """Add an owner NAME (lowercase letters, digits, '-')."""
+    """Add an owner NAME (lowercase letters, digits, '-').
+
+    \b
+    Example (a studio that keeps withdrawn identities until their retention date):
+      idvault owner add northlight --kind studio --erase-policy retain
+    """
     with open_vault(settings) as vault:
         doc = vault.add_owner(name, kind, erase_policy=erase_policy)
     click.echo(f"added {doc['kind']} {doc['name']} (erase policy: {doc['erase_policy']})")
@@ -107,7 +121,12 @@ def owner_add(name: str, kind: str, erase_policy: str, settings: Settings) -> No
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @vault_options
 def owner_list(as_json: bool, settings: Settings) -> None:
-    """List owners."""
+    """List owners.
+
+    \b
+    Example:
+      idvault owner list --json
+    """
     from vault import identities
 
     with open_vault(settings, check_keys=False) as vault, vault.session() as s:
@@ -122,7 +141,12 @@ def owner_list(as_json: bool, settings: Settings) -> None:
 # -- identities ------------------------------------------------------------------
 @cli.group(cls=Group)
 def identity() -> None:
-    """Identities: OWNER/NAME handles with consent and artifacts."""
+    """Identities: OWNER/NAME handles with consent and artifacts.
+
+    \b
+    Example:
+      idvault identity show smiths/ana
+    """
 
 
 @identity.command("add")
@@ -131,7 +155,12 @@ def identity() -> None:
               required=True, help="Consent record JSON (see docs/consent.md).")
 @vault_options
 def identity_add(handle: str, consent_file: Path, settings: Settings) -> None:
-    """Create identity HANDLE (OWNER/NAME) with its consent record."""
+    """Create identity HANDLE (OWNER/NAME) with its consent record.
+
+    \b
+    Example (then `idvault enroll smiths/ana PHOTO...` adds photos):
+      idvault identity add smiths/ana --consent ana-consent.json
+    """
     from vault.consent import ConsentRequest
 
     request = ConsentRequest.from_file(consent_file)
@@ -147,11 +176,18 @@ def identity_add(handle: str, consent_file: Path, settings: Settings) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @vault_options
 def identity_list(owner_name: str | None, as_json: bool, settings: Settings) -> None:
-    """List identities, of one OWNER or all."""
+    """List identities, of one OWNER or all.
+
+    \b
+    Example:
+      idvault identity list smiths
+    """
     with open_vault(settings, check_keys=False) as vault:
         rows = vault.list_identities(owner_name)
     emit(rows, as_json, lambda: "\n".join(
-        f"{r['handle']:<40} {r['consent']['status']:<10} "
+        # an unfinished erasure shows as such, never as its consent's 'active'
+        f"{r['handle']:<40} "
+        f"{'erasing' if r['status'] == 'erasing' else r['consent']['status']:<10} "
         f"{','.join(a['kind'] for a in r['artifacts']) or '-'}" for r in rows)
         or "no identities")
 
@@ -161,7 +197,12 @@ def identity_list(owner_name: str | None, as_json: bool, settings: Settings) -> 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @vault_options
 def identity_show(handle: str, as_json: bool, settings: Settings) -> None:
-    """Show an identity: consent and artifact metadata (nothing decrypted)."""
+    """Show an identity: consent and artifact metadata (nothing decrypted).
+
+    \b
+    Example:
+      idvault identity show smiths/ana --json
+    """
     with open_vault(settings, check_keys=False) as vault:
         doc = vault.describe(handle)
 
@@ -189,18 +230,52 @@ def identity_delete(handle: str, yes: bool, output: Path | None, settings: Setti
     """Erase an identity: crypto-shred its key, delete its rows and index entries.
 
     Prints a signed JSON receipt of what was erased (verify it with
-    `idvault receipt verify`).
+    `idvault receipt verify`). Run again on an interrupted erasure, it finishes it;
+    on a completed one, it prints the stored receipt again.
+
+    \b
+    Example (no question asked; the receipt also to a file):
+      idvault identity delete smiths/ana --yes -o ana-receipt.json
     """
     with open_vault(settings) as vault:
-        vault.describe(handle)  # fail on a bad handle before asking
-        if not yes:
-            if not sys.stdin.isatty():
-                raise click.UsageError("refusing to erase without confirmation: pass --yes")
-            click.confirm(f"Erase {handle} and all its artifacts for good?", abort=True)
-        receipt = vault.delete_identity(handle)
+        # fails on a bad handle before asking; nothing to confirm once it is erased
+        if vault.identity_status(handle) is None:
+            receipt = vault.erasure_receipt(handle)
+        else:
+            if not yes:
+                if not sys.stdin.isatty():
+                    raise click.UsageError("refusing to erase without confirmation: pass "
+                                           "--yes")
+                # On stderr: stdout is the receipt (`... > r.json`).
+                click.confirm(f"Erase {handle} and all its artifacts for good?", abort=True,
+                              err=True)
+            receipt = vault.delete_identity(handle)
     text = json.dumps(receipt, indent=2, sort_keys=True)
     if output:
-        output.write_text(text + "\n")
+        write_private(output, (text + "\n").encode())
+    click.echo(text)
+
+
+@identity.command("receipt")
+@click.argument("ref", metavar="HANDLE|UID")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also write the signed receipt to this file.")
+@vault_options
+def identity_receipt(ref: str, output: Path | None, settings: Settings) -> None:
+    """Print the signed receipt of an erased identity again, by handle or uid.
+
+    Every completed erasure stores its receipt; exits 7 while the erasure is
+    unfinished (`identity delete` finishes it) and 6 when nothing was erased.
+
+    \b
+    Example:
+      idvault identity receipt smiths/ana -o ana-receipt.json
+    """
+    with open_vault(settings, check_keys=False) as vault:
+        receipt = vault.erasure_receipt(ref)
+    text = json.dumps(receipt, indent=2, sort_keys=True)
+    if output:
+        write_private(output, (text + "\n").encode())
     click.echo(text)
 
 
@@ -209,7 +284,12 @@ def identity_delete(handle: str, yes: bool, output: Path | None, settings: Setti
 @click.argument("b")
 @vault_options
 def identity_not_same(a: str, b: str, settings: Settings) -> None:
-    """Record that A and B are different people (twins, siblings): never flagged again."""
+    """Record that A and B are different people (twins, siblings): never flagged again.
+
+    \b
+    Example (twins):
+      idvault identity not-same smiths/cleo smiths/dan
+    """
     with open_vault(settings) as vault:
         vault.record_not_same(a, b)
     click.echo(f"recorded: {a} and {b} are different people")
@@ -218,14 +298,24 @@ def identity_not_same(a: str, b: str, settings: Settings) -> None:
 # -- consent and retention ----------------------------------------------------------
 @cli.group(cls=Group)
 def consent() -> None:
-    """View and withdraw consent."""
+    """View and withdraw consent.
+
+    \b
+    Example:
+      idvault consent show smiths/ana
+    """
 
 
 @consent.command("show")
 @click.argument("handle")
 @vault_options
 def consent_show(handle: str, settings: Settings) -> None:
-    """Print an identity's consent record as JSON."""
+    """Print an identity's consent record as JSON.
+
+    \b
+    Example:
+      idvault consent show smiths/ana
+    """
     with open_vault(settings, check_keys=False) as vault:
         emit(vault.describe(handle)["consent"], True)
 
@@ -235,7 +325,12 @@ def consent_show(handle: str, settings: Settings) -> None:
 @click.option("--reason", help="Recorded with the withdrawal.")
 @vault_options
 def consent_withdraw(handle: str, reason: str | None, settings: Settings) -> None:
-    """Withdraw consent: every later use is refused; erased per the owner's policy."""
+    """Withdraw consent: every later use is refused; erased per the owner's policy.
+
+    \b
+    Example:
+      idvault consent withdraw smiths/ben --reason "asked to be removed"
+    """
     with open_vault(settings) as vault:
         result = vault.withdraw_consent(handle, reason=reason)
     emit(result, True)
@@ -243,13 +338,23 @@ def consent_withdraw(handle: str, reason: str | None, settings: Settings) -> Non
 
 @cli.group(cls=Group)
 def retention() -> None:
-    """Retention: erase identities whose consent period has ended."""
+    """Retention: erase identities whose consent period has ended.
+
+    \b
+    Example:
+      idvault retention sweep > receipts.json
+    """
 
 
 @retention.command("sweep")
 @vault_options
 def retention_sweep(settings: Settings) -> None:
-    """Erase every identity past its consent's retain_until date; prints receipts."""
+    """Erase every identity past its consent's retain_until date; prints receipts.
+
+    \b
+    Example (daily, from cron; the receipts kept):
+      idvault retention sweep > receipts-$(date +%F).json
+    """
     with open_vault(settings) as vault:
         receipts = vault.sweep_retention()
     emit(receipts, True)
@@ -258,7 +363,12 @@ def retention_sweep(settings: Settings) -> None:
 # -- artifacts ----------------------------------------------------------------------
 @cli.group(cls=Group)
 def artifact() -> None:
-    """Sealed identity artifacts (face, photomaker, storymaker, celeb_basis, lidb)."""
+    """Sealed identity artifacts (face, photomaker, storymaker, celeb_basis, lidb).
+
+    \b
+    Example:
+      idvault artifact kinds
+    """
 
 
 @artifact.command("put")
@@ -267,7 +377,12 @@ def artifact() -> None:
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @vault_options
 def artifact_put(handle: str, kind: str, file: Path, settings: Settings) -> None:
-    """Validate FILE (safetensors) against KIND's schema, seal and store it."""
+    """Validate FILE (safetensors) against KIND's schema, seal and store it.
+
+    \b
+    Example:
+      idvault artifact put smiths/ana face face.safetensors
+    """
     size = file.stat().st_size
     if size > settings.max_artifact_bytes:
         raise errors.ArtifactRejected(
@@ -290,13 +405,15 @@ def artifact_put(handle: str, kind: str, file: Path, settings: Settings) -> None
 @vault_options
 def artifact_get(handle: str, kind: str, output: Path, model_id: str | None, purpose: str,
                  settings: Settings) -> None:
-    """Decrypt an artifact to a safetensors file (consent permitting; audited)."""
+    """Decrypt an artifact to a safetensors file (consent permitting; audited).
+
+    \b
+    Example:
+      idvault artifact get smiths/ana photomaker -o ana-pm.safetensors --purpose generate
+    """
     with open_vault(settings) as vault:
         opened = vault.get_artifact(handle, kind, model_id=model_id, purpose=purpose)
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # also when it overwrote an existing file
-    with os.fdopen(fd, "wb") as f:
-        f.write(opened.payload)
+    write_private(output, opened.payload)
     click.echo(f"wrote {output} ({len(opened.payload)} bytes)")
 
 
@@ -304,7 +421,12 @@ def artifact_get(handle: str, kind: str, output: Path, model_id: str | None, pur
 @click.option("--json", "as_json", is_flag=True, help="Print the schemas as JSON.")
 @vault_options
 def artifact_kinds(as_json: bool, settings: Settings) -> None:
-    """The declared schema of every artifact kind (needs no vault)."""
+    """The declared schema of every artifact kind (needs no vault).
+
+    \b
+    Example:
+      idvault artifact kinds --json
+    """
     from vault.artifact_kinds import KINDS
 
     docs = {k: s.to_json() for k, s in KINDS.items()}
@@ -325,7 +447,12 @@ def artifact_kinds(as_json: bool, settings: Settings) -> None:
 # -- keys, audit, index, receipts -----------------------------------------------------
 @cli.group(cls=Group)
 def keys() -> None:
-    """Key-encryption keys: rotation and status."""
+    """Key-encryption keys: rotation and status.
+
+    \b
+    Example:
+      idvault keys status
+    """
 
 
 @keys.command("rotate")
@@ -335,6 +462,10 @@ def keys_rotate(batch_size: int, settings: Settings) -> None:
     """Re-wrap every data key under a new KEK version (artifacts are untouched).
 
     Safe to interrupt: run it again and it finishes the rotation it began.
+
+    \b
+    Example:
+      idvault keys rotate --batch-size 100
     """
     with open_vault(settings, check_keys=False) as vault:
         bar = progress_bar("re-wrapping keys", "key")
@@ -349,10 +480,35 @@ def keys_rotate(batch_size: int, settings: Settings) -> None:
         click.echo(report.note)
 
 
+@keys.command("sweep")
+@click.option("--grace-hours", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Leave data keys younger than this (an enrollment makes its key before "
+                   "its identity).")
+@vault_options
+def keys_sweep(grace_hours: float, settings: Settings) -> None:
+    """Shred orphan data keys: of no identity, no staged photos, no queued job.
+
+    An enrollment killed between making its identity's data key and storing
+    the identity leaves such a key. Prints the counts as JSON; audited.
+
+    \b
+    Example:
+      idvault keys sweep --grace-hours 24
+    """
+    with open_vault(settings) as vault:
+        doc = vault.sweep_orphan_keys(grace_seconds=grace_hours * 3600)
+    emit(doc, True)
+
+
 @keys.command("status")
 @vault_options
 def keys_status(settings: Settings) -> None:
-    """KEK versions and their state, and the number of data keys."""
+    """KEK versions and their state, and the number of data keys.
+
+    \b
+    Example:
+      idvault keys status
+    """
     with open_vault(settings, check_keys=False) as vault:
         doc = {"provider": vault.provider.describe(),
                "kek_versions": [{"version": v, "state": st}
@@ -364,7 +520,12 @@ def keys_status(settings: Settings) -> None:
 @keys.command("generate")
 @vault_options
 def keys_generate(settings: Settings) -> None:
-    """Print a new random 256-bit key, base64 (for IDVAULT_KEK with the env provider)."""
+    """Print a new random 256-bit key, base64 (for IDVAULT_KEK with the env provider).
+
+    \b
+    Example (store it in your secret manager, then set IDVAULT_KEK):
+      idvault keys generate
+    """
     from vault.crypto import new_key
 
     click.echo(base64.b64encode(new_key()).decode())
@@ -372,17 +533,95 @@ def keys_generate(settings: Settings) -> None:
 
 @cli.group(cls=Group)
 def audit() -> None:
-    """The hash-chained audit log."""
+    """The hash-chained audit log.
+
+    \b
+    Example:
+      idvault audit verify
+    """
+
+
+def _seq_hash(ctx: click.Context, param: click.Parameter, value: str | None):
+    """``--since SEQ:HASH``, checked before the vault is opened (a usage error)."""
+    from vault.audit import parse_seq_hash
+
+    if value is None:
+        return None
+    try:
+        return parse_seq_hash(value)
+    except errors.InvalidInput as exc:
+        raise click.BadParameter(exc.message) from None
 
 
 @audit.command("verify")
+@click.option("--since", metavar="SEQ:HASH", callback=_seq_hash,
+              help="Verify only from this event (a head printed earlier) to the head; fast "
+                   "on a long chain.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @vault_options
-def audit_verify(settings: Settings) -> None:
-    """Check the whole chain; exits 3 and names the first bad event if tampered."""
+def audit_verify(since: tuple[int, str] | None, as_json: bool, settings: Settings) -> None:
+    """Check the chain against the key store's signed checkpoints; print the head.
+
+    Exits 3 and names the first bad event if tampered: an altered, removed or
+    reordered event, or a tail cut below the newest checkpoint. The printed
+    head (SEQ:HASH) can be kept elsewhere and given back as --since.
+
+    \b
+    Example (whole chain; then only what came after a head kept as SEQ:HASH):
+      idvault audit verify
+      idvault audit verify --since "$KEPT_HEAD"
+    """
     with open_vault(settings, check_keys=False) as vault:
-        result = vault.verify_audit()
+        result = vault.verify_audit(since=since)
     result.raise_if_bad()
-    click.echo(f"audit chain intact: {result.events} events")
+    cp = result.checkpoint
+    doc = {"ok": True, "events": result.events, "from_seq": result.start_seq,
+           "head": {"seq": result.head_seq, "hash": result.head_hash},
+           "checkpoint": cp.describe() if cp is not None else None,
+           "unanchored": result.unanchored}
+
+    def text() -> str:
+        n = f"{result.events} event{'s' if result.events != 1 else ''}"
+        scope = n if since is None else f"{n} from {result.start_seq} to the head"
+        lines = [f"audit chain intact: {scope}", f"head {result.head_seq}:{result.head_hash}"]
+        if cp is None:
+            lines.append("checkpoint: none yet (a vault from before checkpoints is anchored "
+                         "the next time it is opened with its keys)")
+        else:
+            lines.append(f"checkpoint {cp.seq}:{cp.hash} signed {doc['checkpoint']['at']}")
+        if result.unanchored:
+            lines.append(f"{result.unanchored} event{'s' if result.unanchored != 1 else ''} "
+                         "not yet anchored (the next append anchors them)")
+        return "\n".join(lines)
+
+    emit(doc, as_json, text)
+
+
+@audit.command("reanchor")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@vault_options
+def audit_reanchor(yes: bool, settings: Settings) -> None:
+    """Accept the chain as it is now, after restoring the data DB from a backup.
+
+    Only when the chain is intact in itself: drops the key store's audit
+    checkpoints, appends an `audit.reanchor` event that names the dropped newest
+    one, and anchors the new head. Needs the KEK. Never run it to silence a
+    report you cannot explain: that is what a cut tail looks like.
+
+    \b
+    Example (no question asked):
+      idvault audit reanchor --yes
+    """
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError("refusing to replace the audit checkpoints without "
+                                   "confirmation: pass --yes")
+        click.confirm("Replace the audit checkpoints with one of the chain as it is now?",
+                      abort=True, err=True)
+    with open_vault(settings) as vault:
+        result = vault.reanchor_audit()
+    result.raise_if_bad()
+    click.echo(f"re-anchored: head {result.head_seq}:{result.head_hash}")
 
 
 @audit.command("log")
@@ -391,7 +630,12 @@ def audit_verify(settings: Settings) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @vault_options
 def audit_log(owner_name: str | None, limit: int, as_json: bool, settings: Settings) -> None:
-    """The newest audit events."""
+    """The newest audit events.
+
+    \b
+    Example:
+      idvault audit log --owner smiths --limit 20
+    """
     from vault import audit as audit_mod
 
     with open_vault(settings, check_keys=False) as vault, vault.session() as s:
@@ -405,7 +649,12 @@ def audit_log(owner_name: str | None, limit: int, as_json: bool, settings: Setti
 
 @cli.group(cls=Group)
 def index() -> None:
-    """The in-memory dedupe index."""
+    """The in-memory dedupe index.
+
+    \b
+    Example:
+      idvault index rebuild smiths
+    """
 
 
 @index.command("rebuild")
@@ -417,6 +666,10 @@ def index_rebuild(owner_name: str | None, settings: Settings) -> None:
     The index lives only in memory (never in plaintext on disk); every process
     rebuilds it when first needed. This command checks that every face
     artifact decrypts and shows how long a rebuild takes.
+
+    \b
+    Example:
+      idvault index rebuild smiths
     """
     import time
 
@@ -430,14 +683,24 @@ def index_rebuild(owner_name: str | None, settings: Settings) -> None:
 
 @cli.group(cls=Group)
 def receipt() -> None:
-    """Signed erasure receipts."""
+    """Signed erasure receipts.
+
+    \b
+    Example:
+      idvault receipt verify ana-receipt.json
+    """
 
 
 @receipt.command("verify")
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @vault_options
 def receipt_verify(file: Path, settings: Settings) -> None:
-    """Check that FILE is an erasure receipt signed by this vault and unaltered."""
+    """Check that FILE is an erasure receipt signed by this vault and unaltered.
+
+    \b
+    Example:
+      idvault receipt verify ana-receipt.json
+    """
     try:
         doc = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -470,7 +733,12 @@ _register_worker_commands(cli)
 @click.option("--keep", is_flag=True,
               help="Keep the temporary folder (models, photos, vault) to try the CLI on.")
 def demo(data_dir: Path | None, keep: bool) -> None:
-    """Run the main job end to end on a throwaway vault and narrate it."""
+    """Run the main job end to end on a throwaway vault and narrate it.
+
+    \b
+    Example (keep the models, photos and vault to try the CLI on):
+      idvault demo --keep
+    """
     from web.cli.demo import run_demo
 
     run_demo(data_dir, keep=keep)

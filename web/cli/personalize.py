@@ -1,9 +1,12 @@
 """``idvault personalize`` (fit Celeb Basis / LiDB as a job) and ``idvault artifact export``.
 
 ``personalize`` submits a ``celeb_basis`` or ``lidb`` job (:mod:`encoders.fitting.jobs`)
-and runs it in this process with a progress bar; Ctrl-C cancels it. A job that
-stopped because the process died resumes from its last checkpoint the next
-time a worker (this command, or the server's embedded worker) runs it.
+and runs that job, and only it, in this process, reporting its progress and the time
+left (:mod:`web.cli.progress`); Ctrl-C cancels it at its next step. A job that
+stopped because the process died resumes from its last checkpoint the next time a
+worker (the server's embedded worker, or a scale-out one) runs it. Without CUDA a fit
+of the default length takes hours: it is refused unless ``--steps`` or ``--yes`` says
+so, with the expected time (:mod:`encoders.fitting.estimate`).
 
 ``artifact export`` writes an artifact in a format other tools load: a
 textual-inversion file (Celeb Basis), a diffusers LoRA (LiDB), a ReActor face
@@ -14,16 +17,17 @@ Wire with ``register(cli)`` (adds ``personalize`` and ``artifact export``).
 
 from __future__ import annotations
 
-import os
-import sys
+import re
 import threading
-import time
 from pathlib import Path
 
 import click
 
+from vault import errors
 from vault.config import Settings
-from web.cli.common import emit, open_vault, vault_options
+from vault.private_files import write_private
+from web.cli.common import Interrupted, emit, open_vault, vault_options
+from web.cli.progress import Progress, duration, progress_option
 
 KINDS = ("celeb_basis", "lidb")
 
@@ -48,17 +52,30 @@ KINDS = ("celeb_basis", "lidb")
 @click.option("--models", "models_dir", type=click.Path(path_type=Path, file_okay=False),
               default=None, help="lidb: folder holding a trained lidb_hypernetwork.safetensors; "
                                  "its prediction starts the fast fine-tune.")
+@click.option("--yes", is_flag=True,
+              help="Without CUDA, run a fit of the default length anyway (refused otherwise: "
+                   "it takes hours on a CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the finished job as JSON.")
+@progress_option("personalize")
 @vault_options
 def personalize(handle: str, kind: str, photos: tuple[Path, ...], base_model: Path,
-                steps: int | None, seed: int, mode: str, models_dir: Path | None,
-                as_json: bool, settings: Settings) -> None:
+                steps: int | None, seed: int, mode: str, models_dir: Path | None, yes: bool,
+                as_json: bool, progress: Progress, settings: Settings) -> None:
     """Fit a Celeb Basis or LiDB artifact for HANDLE from photos (consent: personalize).
 
     The identity, its consent, Celeb Basis's face artifact, the photos
     (readable images) and the base model folder (a diffusers pipeline) are
-    checked before any model loads."""
+    checked before any model loads. Without CUDA a fit of the default length
+    takes hours: it is refused, with the expected time, unless --steps or
+    --yes is given. Ctrl-C cancels the fit at its next step (exit 130).
+
+    \b
+    Example (a short fit, as a CPU allows; leave out --steps on a GPU):
+      idvault personalize smiths/ana --kind celeb_basis --photos ana1.jpg --photos ana2.jpg \\
+          --base-model ~/models/sd15 --steps 100
+    """
     import encoders.fitting.jobs  # noqa: F401  (registers the job kinds)
+    from encoders.fitting.estimate import default_steps
     from encoders.preflight import check_fit
     from vault.handles import Handle
     from vault.jobs import REGISTRY, JobQueue
@@ -74,18 +91,21 @@ def personalize(handle: str, kind: str, photos: tuple[Path, ...], base_model: Pa
     with open_vault(settings) as vault:
         # What the job would refuse once torch and the base model load, before submitting.
         check_fit(vault, handle, kind=kind, photos=photos, base_model=base_model)
+        total = steps or default_steps(kind, mode)  # torch-free
+        _check_time(progress, kind, base_model, total, steps_given=steps is not None, yes=yes)
         from vault.audit import cli_actor
 
         owner = Handle.parse(handle).owner
-        # Only this kind: the command runs the job it submitted, not the server's backlog
-        # (an older queued job of the same kind runs first).
         queue = JobQueue(vault, registry={kind: REGISTRY[kind]})
         job = queue.submit(owner, kind, params, identity=handle,
                            actor=cli_actor())
-        doc = _run_with_progress(queue, owner, job["id"])
+        doc = _run_with_progress(queue, owner, job["id"], progress, total, base_model)
+    if doc["status"] == "cancelled":
+        raise Interrupted(f"job {doc['id']} cancelled at step {doc['steps_done']} of {total} "
+                          "(nothing was stored)", job=doc["id"])
     if doc["status"] != "done":
-        raise click.ClickException(f"job {doc['id']} {doc['status']}: "
-                                   f"{doc.get('error') or doc.get('message') or ''}")
+        raise errors.VaultError(f"job {doc['id']} {doc['status']}: "
+                                f"{doc.get('error') or doc.get('message') or ''}", job=doc["id"])
     result = doc["result"] or {}
     emit(doc, as_json, lambda: (
         f"fitted {kind} for {handle}: artifact {result.get('artifact')} (model "
@@ -93,30 +113,91 @@ def personalize(handle: str, kind: str, photos: tuple[Path, ...], base_model: Pa
         f"{result.get('first_loss', 0):.4f} -> {result.get('last_loss', 0):.4f}); job {doc['id']}"))
 
 
-def _run_with_progress(queue, owner: str, job_id: str) -> dict:
-    from tqdm import tqdm
+def _check_time(progress: Progress, kind: str, base_model: Path, total: int, *,
+                steps_given: bool, yes: bool) -> None:
+    """Say how long the fit will take; without CUDA, refuse a default-length fit unless
+    ``--yes``. Before the base model loads (only torch is imported, to ask for CUDA)."""
+    progress.say("loading torch...")
+    import torch
 
-    worker = threading.Thread(target=lambda: queue.run_pending(), daemon=True)
+    if torch.cuda.is_available():
+        progress.say(f"{kind}: {total} steps on CUDA (the time left follows its first steps)",
+                     phase="estimate")
+        return
+    from encoders.fitting.estimate import cpu_seconds_per_step
+
+    per_step = cpu_seconds_per_step(base_model)
+    expected = (f"{kind} runs {total} steps; without CUDA, on this CPU, that takes about "
+                f"{duration(per_step * total)} (roughly {per_step:.2g} s a step for "
+                f"{base_model.name})")
+    if not steps_given and not yes:
+        raise errors.InvalidInput(f"{expected}: pass --steps N for a shorter fit or --yes to "
+                                  "run it anyway", steps=total,
+                                  estimate_s=round(per_step * total, 1))
+    progress.say(expected + "; the time left follows its first steps", phase="estimate")
+
+
+STEP = re.compile(r"step (\d+)/(\d+)")
+
+
+def _run_with_progress(queue, owner: str, job_id: str, progress: Progress, total: int,
+                       base_model: Path) -> dict:
+    """Run job ``job_id`` (only it: an older queued job, even of this kind, is left to the
+    server's workers) on a thread, reporting its progress; Ctrl-C cancels it and waits for
+    it to stop, at its next step. The job's final document, with ``steps_done``."""
+    from encoders.fitting.jobs import fit_step
+
+    finished = threading.Event()
+
+    def work() -> None:
+        try:
+            state, claimed = queue.claim_job(job_id)
+            if state == "run":
+                queue.run_job(claimed)
+        finally:
+            finished.set()
+
+    said = queue.get(job_id, owner=owner).get("message")  # "submitted by ..."
+    # The job's first act; said here, as a poll may miss a short load's message.
+    progress.say(f"loading base model {base_model.name}...")
+    worker = threading.Thread(target=work, name="idvault-fit", daemon=True)
     worker.start()
-    bar = tqdm(total=100, file=sys.stderr, disable=None, leave=False, unit="%")
+    phase = progress.phase("fit", start="fitting {total} steps", done="fitted", estimate=True)
     try:
         while True:
             doc = queue.get(job_id, owner=owner)
-            bar.n = round(100 * doc["progress"])
-            bar.set_description((doc.get("message") or doc["status"])[:60])
-            if doc["status"] in ("done", "failed", "cancelled"):
-                return doc
-            if not worker.is_alive() and doc["status"] == "queued":
-                worker = threading.Thread(target=lambda: queue.run_pending(), daemon=True)
-                worker.start()
-            time.sleep(0.5)
+            message = doc.get("message") or ""
+            step = STEP.search(message)
+            if message == said or re.match(r"load(ing|ed) base model", message):
+                pass
+            elif step:
+                phase(int(step[1]), int(step[2]))
+            elif doc["status"] == "running":  # loading the base model, predicting LiDB...
+                progress.say(message + ("..." if message.startswith(("loading", "predicting"))
+                                        else ""))
+            said = message
+            if doc["status"] in ("done", "failed", "cancelled") or finished.is_set():
+                finished.wait()
+                doc = queue.get(job_id, owner=owner)
+                if doc["status"] == "done" and phase.started is not None:
+                    phase(total, total)  # its last step's message was overwritten at once
+                phase.close(completed=doc["status"] == "done")
+                return {**doc, "steps_done": fit_step(doc["progress"], total)}
+            # Not worker.join(timeout): a Ctrl-C inside Thread.join can leave the thread
+            # marked stopped while it runs on; an Event's wait is safe to interrupt.
+            finished.wait(0.25)
     except KeyboardInterrupt:
-        queue.cancel(job_id, owner=owner)
-        click.echo("cancelling (stops at the next step)...", err=True)
-        worker.join()
-        return queue.get(job_id, owner=owner)
-    finally:
-        bar.close()
+        phase.close(completed=False)
+        try:
+            doc = queue.cancel(job_id, owner=owner)
+        except errors.Conflict:  # it ended meanwhile
+            doc = queue.get(job_id, owner=owner)
+        at = fit_step(doc["progress"], total)
+        progress.say(f"cancelling job {job_id} at step {at} of {total} (it stops at its next "
+                     "step)...", phase="cancel")
+        finished.wait()
+        doc = queue.get(job_id, owner=owner)
+        return {**doc, "steps_done": fit_step(doc["progress"], total)}
 
 
 @click.command("export")
@@ -138,16 +219,18 @@ def _run_with_progress(queue, owner: str, job_id: str) -> dict:
 @vault_options
 def artifact_export(handle: str, fmt: str, output: Path, base_model: Path | None,
                     token: str | None, model_id: str | None, settings: Settings) -> None:
-    """Export HANDLE's artifact for other tools (consent: share; audited)."""
+    """Export HANDLE's artifact for other tools (consent: share; audited).
+
+    \b
+    Example:
+      idvault artifact export smiths/ana --format textual-inversion -o ana-ti.safetensors
+    """
     from encoders.fitting.exports import export
 
     with open_vault(settings) as vault:
         data = export(vault, handle, fmt.replace("-", "_"), model_id=model_id, token=token,
                       base_model=base_model).data
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    write_private(output, data)
     click.echo(f"wrote {output} ({len(data)} bytes, {fmt})")
 
 

@@ -66,6 +66,10 @@ def serve(host: str, port: int, workers: int | None, threads: int, models_dir: P
     broker it is an API node: jobs (enrollment from photos, generation, fits)
     go to `idvault worker` processes; without one it runs them itself.
     Ctrl-C or SIGTERM stops every server process.
+
+    \b
+    Example (on all interfaces behind a TLS proxy, with the models):
+      idvault serve --host 0.0.0.0 --port 8080 --models ~/models
     """
     from web.app import WebConfig, create_app
     from web.serve import default_workers, first_start
@@ -103,7 +107,12 @@ def serve(host: str, port: int, workers: int | None, threads: int, models_dir: P
 # -- users --------------------------------------------------------------------------------------
 @click.group(cls=Group)
 def user() -> None:
-    """UI accounts: passwords (argon2id) and roles per owner."""
+    """UI accounts: passwords (argon2id) and roles per owner.
+
+    \b
+    Example:
+      idvault user add maria --owner smiths --role editor
+    """
 
 
 @user.command("add")
@@ -118,7 +127,12 @@ def user() -> None:
 @vault_options
 def user_add(username: str, owner_name: str | None, role: str, superuser: bool,
              password_stdin: bool, settings: Settings) -> None:
-    """Create a UI account USERNAME; prints a generated one-time password."""
+    """Create a UI account USERNAME; prints a generated one-time password.
+
+    \b
+    Example:
+      idvault user add maria --owner smiths --role editor
+    """
     from vault import accounts
 
     password = _read_password(password_stdin)
@@ -138,7 +152,12 @@ def user_add(username: str, owner_name: str | None, role: str, superuser: bool,
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @vault_options
 def user_list(as_json: bool, settings: Settings) -> None:
-    """List UI accounts and their roles."""
+    """List UI accounts and their roles.
+
+    \b
+    Example:
+      idvault user list --json
+    """
     from vault import accounts
 
     with open_vault(settings, check_keys=False) as vault, vault.session() as s:
@@ -155,7 +174,12 @@ def user_list(as_json: bool, settings: Settings) -> None:
               help="Read the new password from standard input instead of generating one.")
 @vault_options
 def user_passwd(username: str, password_stdin: bool, settings: Settings) -> None:
-    """Set USERNAME's password (a generated one-time one by default); signs it out."""
+    """Set USERNAME's password (a generated one-time one by default); signs it out.
+
+    \b
+    Example:
+      idvault user passwd maria
+    """
     from vault import accounts
 
     password = _read_password(password_stdin)
@@ -172,7 +196,12 @@ def user_passwd(username: str, password_stdin: bool, settings: Settings) -> None
 @click.option("--role", type=click.Choice(ROLES), required=True, help="The role in OWNER.")
 @vault_options
 def user_grant(username: str, owner_name: str, role: str, settings: Settings) -> None:
-    """Give USERNAME a role in OWNER (replacing its role there)."""
+    """Give USERNAME a role in OWNER (replacing its role there).
+
+    \b
+    Example:
+      idvault user grant maria smiths --role viewer
+    """
     from vault import accounts
 
     with open_vault(settings, check_keys=False) as vault, vault.session() as s:
@@ -185,7 +214,12 @@ def user_grant(username: str, owner_name: str, role: str, settings: Settings) ->
 @click.argument("owner_name", metavar="OWNER")
 @vault_options
 def user_revoke(username: str, owner_name: str, settings: Settings) -> None:
-    """Remove USERNAME from OWNER."""
+    """Remove USERNAME from OWNER.
+
+    \b
+    Example:
+      idvault user revoke maria smiths
+    """
     from vault import accounts
 
     with open_vault(settings, check_keys=False) as vault, vault.session() as s:
@@ -197,7 +231,12 @@ def user_revoke(username: str, owner_name: str, settings: Settings) -> None:
 @click.argument("username")
 @vault_options
 def user_delete(username: str, settings: Settings) -> None:
-    """Delete the account USERNAME (its memberships and sessions go with it)."""
+    """Delete the account USERNAME (its memberships and sessions go with it).
+
+    \b
+    Example:
+      idvault user delete maria
+    """
     from vault import accounts
 
     with open_vault(settings, check_keys=False) as vault, vault.session() as s:
@@ -208,7 +247,12 @@ def user_delete(username: str, settings: Settings) -> None:
 # -- API keys -----------------------------------------------------------------------------------
 @click.group(cls=Group)
 def apikey() -> None:
-    """API keys: scoped, shown once, stored hashed."""
+    """API keys: scoped, shown once, stored hashed.
+
+    \b
+    Example:
+      idvault apikey create smiths --name gallery --scope identities:read
+    """
 
 
 @apikey.command("create")
@@ -224,7 +268,13 @@ def apikey() -> None:
 @vault_options
 def apikey_create(owner_name: str, name: str, scopes: tuple[str, ...], expires_days: int | None,
                   as_json: bool, settings: Settings) -> None:
-    """Create an API key for OWNER; prints the key once (it is stored only hashed)."""
+    """Create an API key for OWNER; prints the key once (it is stored only hashed).
+
+    \b
+    Example (a key a gallery app uses to make pictures):
+      idvault apikey create smiths --name gallery --scope identities:read --scope generate \\
+          --expires-days 90
+    """
     from vault import api_keys
     from vault.models import utcnow
 
@@ -245,7 +295,12 @@ def apikey_create(owner_name: str, name: str, scopes: tuple[str, ...], expires_d
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @vault_options
 def apikey_list(owner_name: str | None, as_json: bool, settings: Settings) -> None:
-    """List API keys (of OWNER, or of every owner); never the keys themselves."""
+    """List API keys (of OWNER, or of every owner); never the keys themselves.
+
+    \b
+    Example:
+      idvault apikey list smiths
+    """
     from vault import api_keys, identities
 
     with open_vault(settings, check_keys=False) as vault, vault.session() as s:
@@ -260,7 +315,12 @@ def apikey_list(owner_name: str | None, as_json: bool, settings: Settings) -> No
 @click.argument("key")
 @vault_options
 def apikey_revoke(key: str, settings: Settings) -> None:
-    """Revoke KEY (its number or prefix) at once."""
+    """Revoke KEY (its number or prefix) at once.
+
+    \b
+    Example (key number 3, from `idvault apikey list`):
+      idvault apikey revoke 3
+    """
     from vault import api_keys
 
     with open_vault(settings) as vault, vault.session() as s:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from flask import Blueprint, redirect, request, url_for
 
-from vault import accounts
+from vault import accounts, login_throttle
 from vault.errors import VaultError
 from web.auth import (
     check_csrf,
     current_principal,
+    refused,
     sign_in,
     sign_out,
     switch_owner,
@@ -34,7 +35,9 @@ def login():
     try:
         user = sign_in(username, password)
     except TooManyRequests as exc:
-        return page("login.html", 429, next_url=next_url, username=username, error=str(exc))
+        body, status = page("login.html", 429, next_url=next_url, username=username,
+                            error=str(exc))
+        return body, status, {"Retry-After": str(exc.details["retry_after"])}
     if user is None:
         return page("login.html", 401, next_url=next_url, username=username,
                     error="wrong username or password")
@@ -63,14 +66,25 @@ def password():
     if new != request.form.get("confirm", ""):
         return page("account.html", 400, error="the new passwords do not match")
     st = state()
+    # Guesses at the current password count like failed sign-ins: a borrowed session
+    # must not become a way around the throttle.
     with st.vault.session() as s:
+        lock = login_throttle.begin(s, p.username, request.remote_addr, policy=st.login_policy)
+        if lock is not None:
+            body, status = page("account.html", 429, error=str(refused(lock)))
+            return body, status, {"Retry-After": str(lock.seconds)}
         user = accounts.get_user(s, p.username)
         if not accounts.check_password(user, current):
+            login_throttle.record_failure(s, p.username, request.remote_addr,
+                                          policy=st.login_policy)
             return page("account.html", 400, error="the current password is wrong")
         problems = accounts.password_problems(new, p.username)
         if problems:
             return page("account.html", 400,
                         error="the new password must be " + "; ".join(problems))
+        if new == current:
+            return page("account.html", 400,
+                        error="the new password must differ from the current one")
         accounts.set_password(s, p.username, new, actor=p.actor)  # ends every session of the user
     sign_in(p.username, new)
     notice("Password changed. Other sessions of this account were signed out.")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 from flask import Blueprint, redirect, request, url_for
 
 from vault.models import REVIEW_STATUSES
 from web.api.reviews import own_review
 from web.auth import ui_login_required
 from web.ui.common import me, notice, page, state
+from web.ui.receipts import show as show_receipt
 
 bp = Blueprint("reviews", __name__)
 
@@ -36,5 +35,4 @@ def decide(review_id: int, decision: str):
         notice(f"{doc['handle']} is active; recorded as not the same person as "
                f"{doc['candidate']}.")
         return redirect(url_for("ui.reviews.queue"))
-    return page("receipt.html", handle=doc["handle"], rejected=True,
-                receipt=json.dumps(doc["receipt"], indent=2, sort_keys=True))
+    return show_receipt(doc["receipt"], handle=doc["handle"], rejected=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 
 from flask import Blueprint, redirect, request, url_for
 from sqlalchemy import select
@@ -20,7 +19,7 @@ from vault.errors import (
     PhotoRejected,
     VaultError,
 )
-from vault.models import Identity
+from vault.models import Identity, Owner
 from web.api.artifacts import download_artifact
 from web.api.enrollment import (
     MAX_EVIDENCE_BYTES,
@@ -36,9 +35,11 @@ from web.api.identities import parse_consent
 from web.api.personalization import base_models, parse_form, queue_fit
 from web.auth import handle_in_owner, ui_login_required
 from web.ui.common import me, notice, page, state
+from web.ui.receipts import show as show_receipt
 
 bp = Blueprint("roster", __name__)
 PAGE = 50
+EVENTS = 50  # the identity page's audit trail; the rest on the audit page
 
 
 @bp.route("/")
@@ -156,11 +157,13 @@ def identity(owner: str, name: str):
     handle = handle_in_owner(p, owner, name)
     doc = state().vault.describe(handle)
     with state().vault.session() as s:
+        rows = audit.events(s, owner=p.owner, subject=handle, limit=EVENTS + 1)
         events = [{"seq": e.seq, "at": audit.canonical_time(e.at), "action": e.action,
-                   "actor": e.actor, "details": e.details}
-                  for e in audit.events(s, owner=p.owner, subject=handle, limit=50)]
+                   "actor": e.actor, "details": e.details} for e in rows[:EVENTS]]
+        erase_policy = identities.get_owner(s, p.owner).erase_policy
     reviews = [r for r in state().vault.list_reviews(p.owner) if r["handle"] == handle]
-    return page("identity.html", person=doc, events=events, reviews=reviews,
+    return page("identity.html", person=doc, events=events, more_events=len(rows) > EVENTS,
+                reviews=reviews, erase_policy=erase_policy,
                 base_models=base_models(state().config.models_dir))
 
 
@@ -231,8 +234,7 @@ def delete(owner: str, name: str):
     st = state()
     receipt = st.vault.delete_identity(handle, actor=p.actor,
                                        reason=f"requested by {p.actor}")
-    return page("receipt.html", handle=handle, receipt=json.dumps(receipt, indent=2,
-                                                                  sort_keys=True))
+    return show_receipt(receipt, handle=handle)
 
 
 @bp.route("/identities/<owner>/<name>/withdraw", methods=["POST"])
@@ -247,10 +249,11 @@ def withdraw(owner: str, name: str):
     st = state()
     result = st.vault.withdraw_consent(handle, reason=reason, actor=p.actor)
     if "receipt" in result:
-        return page("receipt.html", handle=handle, withdrawn=True,
-                    receipt=json.dumps(result["receipt"], indent=2, sort_keys=True))
-    notice(f"Consent for {handle} withdrawn: blocked from every use; kept until its "
-           "retention date (the owner's policy), then erased.", "warn")
+        return show_receipt(result["receipt"], handle=handle, withdrawn=True)
+    retain_until = st.vault.describe(handle)["consent"]["retain_until"]
+    notice(f"Consent for {handle} withdrawn: blocked from every use now; under "
+           f"the erase policy of {p.owner} (retain) it is kept until its retention date, "
+           f"{retain_until}, then erased with a signed receipt.", "warn")
     return redirect(url_for("ui.roster.identity", owner=owner, name=name))
 
 
@@ -260,8 +263,54 @@ def download(owner: str, name: str, artifact_id: str):
     return download_artifact(owner, name, artifact_id)
 
 
+def _identity_link(handle: str | None, anchor: str | None = None) -> dict | None:
+    if not handle or handle.count("/") != 1:
+        return None
+    o, n = handle.split("/")
+    return {"label": f"@{handle}", "url": url_for("ui.roster.identity", owner=o, name=n,
+                                                  _anchor=anchor)}
+
+
+def _job_handles(job: dict) -> list[str]:
+    result = (job.get("result") or {}) if job["status"] == "done" else {}
+    handles = [job.get("identity"), result.get("handle")]
+    if job["kind"] == "generate":
+        handles += result.get("identities") or []
+    return [h for h in dict.fromkeys(handles) if isinstance(h, str) and h.count("/") == 1]
+
+
+def job_links(job: dict, live: set[str]) -> list[dict]:
+    """Where a job's result is: its image, the identity it enrolled or personalised (at
+    the artifact it stored), the identities a scene shows. ``live``: the handles that
+    still exist (no link to an erased identity)."""
+    result = (job.get("result") or {}) if job["status"] == "done" else {}
+    links: list[dict] = []
+    if job["kind"] == "generate" and result.get("image") and not result.get("image_removed"):
+        links.append({"label": "Open the image", "url": url_for("ui.public.result",
+                                                                job_id=job["id"])})
+    artifact = result.get("artifact")
+    for h in _job_handles(job):
+        if h in live:
+            links.append(_identity_link(h, f"artifact-{artifact}" if artifact else None))
+    return links
+
+
+def _live_handles(owner: str, handles: set[str]) -> set[str]:
+    names = {h.split("/")[1] for h in handles if h.split("/")[0] == owner}
+    if not names:
+        return set()
+    with state().vault.session() as s:
+        found = s.scalars(select(Identity.name).join(Identity.owner)
+                          .where(Owner.name == owner, Identity.name.in_(names)))
+        return {f"{owner}/{n}" for n in found}
+
+
 @bp.route("/jobs")
 @ui_login_required("identities:read")
 def jobs():
     p = me()
-    return page("jobs.html", jobs=state().jobs.list(p.owner, limit=100))
+    rows = state().jobs.list(p.owner, limit=100)
+    live = _live_handles(p.owner, {h for j in rows for h in _job_handles(j)})
+    for j in rows:
+        j["links"] = job_links(j, live)
+    return page("jobs.html", jobs=rows)

@@ -64,7 +64,7 @@ def test_enroll_takes_the_adapter_kinds(web):
 
 def test_add_kinds_without_photos_then_with_them(web):
     body(web.enroll("smiths/ana", 1, (0, 1)), 201)
-    e = body(add(web, "smiths/ana", kinds="faceid,instantid"), 400)["error"]
+    e = body(add(web, "smiths/ana", kinds="faceid,instantid"), 422)["error"]
     assert "vault keeps no photos" in e["message"]
     assert set(e["details"]["needs_photos"]) == {"faceid", "instantid"}
     wrong = body(add(web, "smiths/ana", kinds="instantid", photos=(0,), person=2), 422)
@@ -104,7 +104,7 @@ def test_on_a_scale_out_node_photos_become_a_job_for_a_worker(web):
         assert sent == [(job["id"], "enroll", "cpu")]
         assert job["params"]["mode"] == "add_kinds"
         # Without photos no job is needed: the node answers from the vault.
-        body(add(web, "smiths/ana", kinds="faceid"), 400)
+        body(add(web, "smiths/ana", kinds="faceid"), 422)
         verdict, claimed = jobs.claim_job(job["id"])
         assert verdict == "run"
         jobs.run_job(claimed)

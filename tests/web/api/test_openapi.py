@@ -31,6 +31,16 @@ def test_document_validates(web):
     names = set(doc["components"]["schemas"])
     refs = set(re.findall(r"#/components/schemas/(\w+)", str(doc)))
     assert refs <= names, refs - names
+    # Every link leads to an operation, naming exactly its path parameters.
+    ops = {op["operationId"]: op for ops in doc["paths"].values() for op in ops.values()}
+    links = [link for ops_ in doc["paths"].values() for op in ops_.values()
+             for response in op["responses"].values()
+             for link in response.get("links", {}).values()]
+    assert len(links) >= 5
+    for link in links:
+        target = ops[link["operationId"]]
+        assert set(link["parameters"]) == {p["name"] for p in target.get("parameters", [])
+                                           if p["in"] == "path"}, link
 
 
 def test_document_lists_exactly_the_v1_routes(web):
@@ -122,3 +132,54 @@ def test_fuzz_the_api_from_its_document(web):
                 failures.append(f"{mode.value} {op.method.upper()} {op.path}: {exc}"[:2000])
     assert ran >= 40
     assert not failures, "\n\n".join(failures)
+
+
+def test_name_and_handle_schemas_are_the_vaults_rules():
+    """The document's NAME_SCHEMA and HANDLE_SCHEMA accept exactly what vault/handles.py
+    accepts (reserved words included), over every short string of a telling alphabet."""
+    import itertools
+
+    import jsonschema
+
+    from vault.errors import InvalidHandle
+    from vault.handles import RESERVED, Handle, name_problems
+    from web.api.blueprint import HANDLE_SCHEMA, NAME_SCHEMA
+
+    def valid(schema, value):
+        return jsonschema.Draft202012Validator(schema).is_valid(value)
+
+    names = ["".join(p) for n in range(0, 5) for p in itertools.product("a0-Z", repeat=n)]
+    names += sorted(RESERVED) + ["a" * 32, "a" * 33, "a-" * 16, "ana\n", "ana-", "a--b"]
+    for name in names:
+        assert valid(NAME_SCHEMA, name) == (not name_problems(name)), name
+    for owner, name in itertools.product(["smiths", "all", "a-", "Ab"], names[:60] + ["all"]):
+        for text in (f"{owner}/{name}", f"@{owner}/{name}"):
+            try:
+                Handle.parse(text)
+                ok = True
+            except InvalidHandle:
+                ok = False
+            assert valid(HANDLE_SCHEMA, text) == ok, text
+    assert not valid(HANDLE_SCHEMA, "smiths/ana/x") and not valid(HANDLE_SCHEMA, "smiths")
+
+
+def test_key_name_pattern_is_the_vaults_rule():
+    """POST /api-keys 'name': the document's pattern accepts exactly what
+    vault.api_keys.validate_key_name accepts (control characters, blanks, newlines)."""
+    import itertools
+
+    from vault.api_keys import validate_key_name
+    from vault.errors import InvalidInput
+    from web.api.keys import bp
+
+    [op] = [o for o in bp.operations if o.method == "POST"]
+    pattern = op.body["content"]["application/json"]["schema"]["properties"]["name"]["pattern"]
+    for n in range(1, 4):
+        for chars in itertools.product(["a", " ", "\x0f", "\x7f", "\n", "\u009c", "\t"], repeat=n):
+            name = "".join(chars)
+            try:
+                validate_key_name(name)
+                accepted = True
+            except InvalidInput:
+                accepted = False
+            assert bool(re.search(pattern, name)) == accepted, repr(name)

@@ -73,3 +73,25 @@ def test_models_check_and_tiny(cli, tmp_path, tiny_models):
     assert (tmp_path / "fresh" / "models" / "buffalo_l" / "det_10g.onnx").exists()
     _, err = cli("models", "check", str(tmp_path / "empty"), code=9)
     assert "no complete face pack" in err
+
+
+def test_the_sample_photos_of_models_tiny_enroll_and_tell_people_apart(cli, tmp_path):
+    """`idvault models tiny DIR --photos PHOTO_DIR` writes what its help names: photos the
+    stand-ins detect, of two different people, and consent files the CLI accepts."""
+    from web.cli.demo import write_sample_photos
+
+    folder = tmp_path / "photos"
+    written = write_sample_photos(folder)
+    assert sorted(p.name for p in written) == sorted(
+        [f"{n}{i}.png" for n in ("ana", "ben") for i in (1, 2, 3)]
+        + ["ana-consent.json", "ben-consent.json"])
+    out, _ = cli("enroll", "smiths/ana", str(folder / "ana1.png"), str(folder / "ana2.png"),
+                 "--consent", str(folder / "ana-consent.json"))
+    assert out.startswith("enrolled smiths/ana (2 photo(s); face)")
+    consent = json.loads(cli("consent", "show", "smiths/ana")[0])
+    assert consent["subject"] == "Ana Smith" and consent["purposes"] == ["enroll", "generate"]
+    assert cli("verify-face", "smiths/ana", str(folder / "ana3.png"))[0].startswith("same:")
+    cli("verify-face", "smiths/ana", str(folder / "ben1.png"), code=11)
+    out, _ = cli("enroll", "smiths/ben", str(folder / "ben1.png"), "--consent",
+                 str(folder / "ben-consent.json"))
+    assert out.startswith("enrolled smiths/ben")

@@ -58,8 +58,10 @@ def world(tmp_path_factory) -> dict:
     vault.add_owner("jones", "family", actor="test")
     for handle in ("smiths/ana", "smiths/cy", "jones/bo"):
         vault.create_identity(handle, ConsentRequest.from_dict(consent_doc()), actor="test")
-    with vault.session() as s:
-        identities.get_identity(s, "smiths/cy").status = "held"
+    with vault.session() as s:  # held without a review: resealed, as idvault would
+        cy = identities.get_identity(s, "smiths/cy")
+        cy.status = "held"
+        vault._reseal(s, cy)
     vault.dispose()
     (d / "consent.json").write_text(json.dumps(consent_doc()))
     Image.new("RGB", (64, 64), (120, 90, 70)).save(d / "photo.png")
