@@ -25,6 +25,13 @@ from tests.web.test_imports import ROOT
 from web.cli.main import main
 
 
+@pytest.fixture
+def backend() -> str:
+    """What these tests check is the commands' output, the same on either database (the
+    job queue itself runs on both in tests/vault/test_jobs.py)."""
+    return "sqlite"
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("progress-models")
