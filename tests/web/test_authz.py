@@ -128,9 +128,8 @@ def finished_scene(web, h) -> str:
     """A generate job of smiths, finished with a stored PNG (as the worker leaves it; the
     generation itself is tested in test_generation.py with the tiny SDXL models)."""
     from vault import generated_images
-    from vault.models import Job
-
     from vault.identities import get_owner
+    from vault.models import Job
 
     # Written as the worker leaves it: the API refuses to queue a generation on a server
     # with no SDXL base model (its pre-check), and this matrix needs no model.
