@@ -604,7 +604,7 @@ class JobQueue:
                     last_recover = now
                 if now - last_sweep > SWEEP_EVERY_SECONDS:
                     staged_photos.sweep(self.vault)  # orphans of a crash mid-submit
-                    self.vault.sweep_orphan_keys()  # data keys of enrollments killed early
+                    self.vault.sweep_recent_orphan_keys()  # data keys of enrollments killed early
                     last_sweep = now
                 if self.run_one() is not None:
                     continue

@@ -285,11 +285,15 @@ class KeyStore:
         with self._session(read_only=True) as s:
             return s.scalar(select(DataKey.key_id).where(DataKey.identity_uid == identity_uid))
 
-    def dek_created(self) -> dict[str, dt.datetime]:
-        """``identity uid -> when its data key was made``, for every data key (the orphan
-        sweep: an enrollment makes its key before its identity row)."""
+    def dek_created(self, since: dt.datetime | None = None) -> dict[str, dt.datetime]:
+        """``identity uid -> when its data key was made``, for every data key, or those made
+        at ``since`` or later (the orphan sweep: an enrollment makes its key before its
+        identity row)."""
+        q = select(DataKey.identity_uid, DataKey.created_at)
+        if since is not None:
+            q = q.where(DataKey.created_at >= since)
         with self._session(read_only=True) as s:
-            return dict(s.execute(select(DataKey.identity_uid, DataKey.created_at)).all())
+            return dict(s.execute(q).all())
 
     def count_deks(self) -> int:
         with self._session(read_only=True) as s:

@@ -86,6 +86,9 @@ PER_PHOTO_KINDS = ("photomaker",)  # artifacts that grow when photos are added
 # A data key younger than this without an identity row may be an enrollment in flight
 # (it makes its key before its identity row): the orphan sweep leaves it.
 ORPHAN_KEY_GRACE_SECONDS = 3600.0
+# The periodic sweep judges keys made in this window (it runs every few minutes, so a
+# crash's orphan is judged many times within it); `idvault keys sweep` judges them all.
+PERIODIC_ORPHAN_WINDOW = dt.timedelta(days=1)
 
 log = logging.getLogger(__name__)
 
@@ -1055,16 +1058,22 @@ class Vault:
                   "`idvault keys rotate` again to rotate anew")
 
     def sweep_orphan_keys(self, *, grace_seconds: float = ORPHAN_KEY_GRACE_SECONDS,
-                          now: dt.datetime | None = None, actor: str | None = None) -> dict:
+                          now: dt.datetime | None = None, made_since: dt.datetime | None = None,
+                          actor: str | None = None) -> dict:
         """Shred the data keys no identity will ever use: no identity row has their uid,
         no staged photos nor queued or running job name it, and they are older than
         ``grace_seconds`` (an enrollment makes its key before its identity row, so a crash
-        in between leaves such a key). Audited (``keys.sweep``) when any is shredded;
-        returns the counts."""
+        in between leaves such a key). ``made_since``: judge only keys made then or later
+        (the periodic sweep, which runs every few minutes, need not read every key of a
+        large vault). Audited (``keys.sweep``) when any is shredded; returns the counts."""
         now = now or utcnow()
-        made = self.keys.dek_created()  # read first: a key made after this is not judged
+        made = self.keys.dek_created(made_since)  # read first: a later key is not judged
         with self.session(read_only=True) as s:
-            known = set(s.scalars(select(Identity.uid)))
+            candidates = sorted(made)
+            known = set()
+            for start in range(0, len(candidates), 900):  # under SQLite's variable limit
+                known.update(s.scalars(select(Identity.uid).where(
+                    Identity.uid.in_(candidates[start:start + 900]))))
             job_uids = {staged_photos.staged_uid(p) for p in s.scalars(
                 select(Job.params).where(Job.status.in_(("queued", "running"))))}
         staged = staged_photos.staged_uids(self) | (job_uids - {None})
@@ -1087,6 +1096,11 @@ class Vault:
                                       "grace_seconds": grace_seconds})
         return {"data_keys": len(made), "orphans_shredded": len(shredded),
                 "kept_staged": kept_staged, "kept_recent": kept_recent}
+
+    def sweep_recent_orphan_keys(self) -> dict:
+        """:meth:`sweep_orphan_keys` over the keys made in the last
+        ``PERIODIC_ORPHAN_WINDOW``: what the job runners call every few minutes."""
+        return self.sweep_orphan_keys(made_since=utcnow() - PERIODIC_ORPHAN_WINDOW)
 
     def _anchor_audit_head(self) -> None:
         """Sign the audit head into the key store once where it is marked pending: a vault

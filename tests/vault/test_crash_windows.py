@@ -312,6 +312,9 @@ with Vault.open(s) as v:
         assert v.sweep_orphan_keys() == {"data_keys": 4, "orphans_shredded": 0,
                                          "kept_staged": 1, "kept_recent": 1}
         later = utcnow() + dt.timedelta(hours=2)
+        # the periodic sweep judges only the keys made in its window (all four, here)
+        assert v.sweep_orphan_keys(now=later, made_since=later)["data_keys"] == 0
+        assert v.sweep_recent_orphan_keys()["data_keys"] == 4
         assert v.sweep_orphan_keys(now=later) == {"data_keys": 4, "orphans_shredded": 1,
                                                   "kept_staged": 1, "kept_recent": 0}
         assert _orphan_keys(v) == set() and len(v.keys.dek_uids()) == 3

@@ -159,7 +159,7 @@ class Sweeper:
             sent += self.jobs.send(job_id, kind, params)
         if time.monotonic() - self._last_staged > SWEEP_EVERY_SECONDS:
             staged_photos.sweep(self.jobs.vault)  # orphans of a crash mid-submit
-            self.jobs.vault.sweep_orphan_keys()  # data keys of enrollments killed early
+            self.jobs.vault.sweep_recent_orphan_keys()  # data keys of enrollments killed early
             self._last_staged = time.monotonic()
         return sent
 
