@@ -25,9 +25,13 @@ What it measures
 
     Load: ``--clients`` client processes, each one keep-alive connection
     (``http.client``), sending the next request when the previous answer is
-    in, for ``--seconds`` per phase after a 1 s warm-up. Reported: requests
-    per second, p50 and p99 latency, errors (a connection failure or any
-    status but the expected one), and lookup / bare. The clients run on the
+    in, for ``--seconds`` per phase after a 1 s warm-up (closed loop: what a
+    server sustains). Reported: requests per second, p50 and p99 latency,
+    errors (a connection failure or any status but the expected one), and
+    lookup / bare. Then the same rounds open loop at ``--rate`` requests per
+    second in all (default 1,000, the goal's rate): each client sends on a
+    fixed schedule and a request's latency counts from when it was due, so a
+    stall is charged to every request it delays (no coordinated omission). The clients run on the
     same cores as the server (and PostgreSQL), so on a small machine they
     take a share of the CPU from what is measured. Nothing is asserted.
 
@@ -247,15 +251,20 @@ def _multipart(photos: list[bytes], consent: dict) -> tuple[bytes, str]:
 
 
 def _client(args: tuple) -> dict:
-    kind, url, token, seconds, payload, seed = args
+    kind, url, token, seconds, payload, seed, rate = args
     u = urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
     rng = random.Random(seed)
     headers = {"Authorization": f"Bearer {token}"}
-    latencies, statuses, errors = [], {}, 0
+    latencies, statuses, errors, lags = [], {}, 0, []
     jobs = payload if kind == "enroll" else None
     cpu0 = time.process_time()
-    end = time.perf_counter() + seconds
+    start = time.perf_counter()
+    end = start + seconds
+    # Open loop (``rate``: this client's requests per second): request i is due at
+    # start + i / rate, and its latency counts from then, so a slow answer that delays
+    # the requests behind it is charged to them too (no coordinated omission).
+    interval = 1.0 / rate if rate else 0.0
     i = 0
     while (jobs is not None and i < len(jobs)) or (jobs is None and time.perf_counter() < end):
         if kind == "health":
@@ -269,8 +278,19 @@ def _client(args: tuple) -> dict:
             name, body, ctype = jobs[i]
             method, path, h = "POST", f"/v1/identities/smiths/{name}/enroll", {
                 **headers, "Content-Type": ctype}
+        if interval:
+            t0 = start + i * interval
+            wait = t0 - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            if t0 >= end:
+                break
+            # How late this client sent it (its own wait for a core, or the answer
+            # before it): if this is as long as the latency, the tail is the client's.
+            lags.append(time.perf_counter() - t0)
+        else:
+            t0 = time.perf_counter()
         i += 1
-        t0 = time.perf_counter()
         try:
             conn.request(method, path, body=body, headers=h)
             resp = conn.getresponse()
@@ -284,19 +304,22 @@ def _client(args: tuple) -> dict:
         latencies.append(time.perf_counter() - t0)
         statuses[status] = statuses.get(status, 0) + 1
     conn.close()
-    return {"latencies": latencies, "statuses": statuses, "errors": errors,
+    return {"latencies": latencies, "statuses": statuses, "errors": errors, "lags": lags,
             "cpu": time.process_time() - cpu0}
 
 
 def run_phase(kind: str, url: str, token: str, clients: int, seconds: float, payload,
-              expected: tuple[int, ...], server: subprocess.Popen | None = None) -> dict:
-    """One timed phase; its figures (:func:`summary`) and what merging phases needs."""
+              expected: tuple[int, ...], server: subprocess.Popen | None = None,
+              rate: float = 0.0) -> dict:
+    """One timed phase; its figures (:func:`summary`) and what merging phases needs.
+    ``rate``: requests per second offered by all clients together (open loop); 0: each
+    client sends its next request when the last answer is in (closed loop)."""
     if kind == "enroll":
         shares = [payload[i::clients] for i in range(clients)]
-        tasks = [(kind, url, token, seconds, share, n) for n, share in enumerate(shares)]
+        tasks = [(kind, url, token, seconds, share, n, 0.0) for n, share in enumerate(shares)]
     else:
-        tasks = [(kind, url, token, seconds, payload, n + int(1e6 * random.random()))
-                 for n in range(clients)]
+        tasks = [(kind, url, token, seconds, payload, n + int(1e6 * random.random()),
+                  rate / clients) for n in range(clients)]
     cpu0 = cpu_seconds(server) if server else None
     t0 = time.perf_counter()
     with mp.get_context("fork").Pool(clients) as pool:
@@ -309,6 +332,7 @@ def run_phase(kind: str, url: str, token: str, clients: int, seconds: float, pay
             statuses[k] = statuses.get(k, 0) + v
     unexpected = sum(v for k, v in statuses.items() if k not in expected)
     return summary({"latencies": sorted(x for r in results for x in r["latencies"]),
+                    "lags": sorted(x for r in results for x in r["lags"]),
                     "statuses": statuses, "seconds": wall,
                     "errors": sum(r["errors"] for r in results) + unexpected,
                     "client_cpu": sum(r["cpu"] for r in results),
@@ -319,6 +343,7 @@ def merge(phases: list[dict]) -> dict:
     """Phases of one kind, as one."""
     server = [p["server_cpu"] for p in phases]
     return summary({"latencies": sorted(x for p in phases for x in p["latencies"]),
+                    "lags": sorted(x for p in phases for x in p["lags"]),
                     "statuses": {k: sum(p["statuses"].get(k, 0) for p in phases)
                                  for p in phases for k in p["statuses"]},
                     "seconds": sum(p["seconds"] for p in phases),
@@ -328,8 +353,10 @@ def merge(phases: list[dict]) -> dict:
 
 
 def summary(raw: dict) -> dict:
-    lat, n = raw["latencies"], len(raw["latencies"])
+    lat, n, lags = raw["latencies"], len(raw["latencies"]), raw["lags"]
     return {**raw, "requests": n, "per_second": n / raw["seconds"] if raw["seconds"] else 0.0,
+            "send_lag_p99_ms": 1000 * lags[min(len(lags) - 1, int(0.99 * len(lags)))]
+            if lags else None,
             "p50_ms": 1000 * statistics.median(lat) if lat else None,
             "p99_ms": 1000 * lat[min(n - 1, int(0.99 * n))] if lat else None,
             "server_cpu_ms": 1000 * raw["server_cpu"] / n
@@ -396,6 +423,17 @@ def measure(backend: str, root: Path, args, models: Path | None,
             figures = {name: merge(phases) for name, phases in rounds.items()}
             figures["ratios"] = [look["per_second"] / bare["per_second"]
                                  for bare, look in zip(rounds["bare"], rounds["lookup"])]
+            if args.rate:
+                # The latency goal is stated at a rate: offer exactly that, alternating again.
+                paced: dict[str, list[dict]] = {"bare": [], "lookup": []}
+                for r in range(args.rounds):
+                    for name in (("lookup", "bare") if r % 2 == 0 else ("bare", "lookup")):
+                        proc, url = procs[name]
+                        paced[name].append(run_phase("lookup", url, token, *load,
+                                                     args.identities, (200,), proc,
+                                                     rate=args.rate))
+                for name, phases in paced.items():
+                    figures[f"{name}@rate"] = merge(phases)
             proc, url = procs["lookup"]
             figures["health"] = run_phase("health", url, token, *load, None, (200,), proc)
             figures["me"] = run_phase("me", url, token, *load, None, (200,), proc)
@@ -435,6 +473,14 @@ def report(backend: str, figures: dict, args) -> None:
     print(f"  lookups: {look['per_second']:.0f}/s = {look['per_second'] / bare['per_second']:.2f}"
           f" x the bare endpoint's {bare['per_second']:.0f}/s (per round: {ratios}); p99 "
           f"{look['p99_ms']:.1f} ms (bare {bare['p99_ms']:.1f} ms); errors {look['errors']}")
+    if "lookup@rate" in figures:
+        print(f"  open loop, {args.rate:g} requests/s offered (latency from each request's "
+              f"due time):")
+        for key in ("bare", "lookup"):
+            f = figures[f"{key}@rate"]
+            print(f"    {labels[key]:<32} {f['per_second']:>8.1f} req/s  p50 "
+                  f"{f['p50_ms']:.1f} ms  p99 {f['p99_ms']:.1f} ms  errors {f['errors']}  "
+                  f"(sent late by the client, p99: {f['send_lag_p99_ms']:.1f} ms)")
     if "enroll" in figures:
         enr = figures["enroll"]
         print(f"  enrollment: {enr['per_second']:.2f} enrollments/s "
@@ -457,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each timed phase")
     ap.add_argument("--rounds", type=int, default=3,
                     help="bare and lookup phases, alternating, per backend")
+    ap.add_argument("--rate", type=float, default=1000.0,
+                    help="after the closed-loop rounds, the same rounds with this many "
+                         "requests per second offered in all (open loop; 0: skip)")
     ap.add_argument("--identities", type=int, default=1000, help="identities in the roster")
     ap.add_argument("--enrollments", type=int, default=40,
                     help="enrollments on SQLite after the lookups (0: none)")
@@ -505,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             for f in figures.values():
                 if isinstance(f, dict):
                     f.pop("latencies", None)
+                f.pop("lags", None)
         print(json.dumps(results, indent=2, default=str))
     return 0
 

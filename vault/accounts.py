@@ -31,7 +31,6 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, selectinload
-from zxcvbn import zxcvbn
 
 from vault import audit
 from vault.api_keys import SCOPES
@@ -95,6 +94,10 @@ def strength_problem(password: str, username: str | None = None) -> str | None:
     It reads at most ``STRENGTH_PREFIX`` characters: a longer password is judged
     by its start, which can only make it look weaker than it is.
     """
+    # imported here: its frequency lists take 13 MiB in every process that imports it,
+    # and only setting a password needs them (not a server answering lookups)
+    from zxcvbn import zxcvbn
+
     inputs = [w for w in (username, "idvault") if w]
     result = zxcvbn(password[:STRENGTH_PREFIX], user_inputs=inputs,
                     max_length=STRENGTH_PREFIX)

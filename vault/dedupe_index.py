@@ -192,16 +192,18 @@ class OwnerIndex:
         vectors[:n], codes[:n], labels[:n] = self._vectors[:n], self._codes[:n], self._labels[:n]
         self._vectors, self._codes, self._labels = vectors, codes, labels
 
-    def _append(self, ids: np.ndarray, v: np.ndarray) -> None:
+    def _append(self, ids: np.ndarray, v: np.ndarray, codes: np.ndarray | None = None) -> None:
         if len(ids) != len(v):
             raise ValueError(f"{len(ids)} identity ids for {len(v)} vectors")
+        if codes is not None and codes.shape != (len(v), CODE_BITS // 8):
+            raise ValueError(f"codes of shape {codes.shape} for {len(v)} vectors")
         if not len(v):
             return
         n, end = self._n, self._n + len(v)
         if end > self.capacity:
             self._resize(max(end, int(self.capacity * GROWTH), 1024))
         self._vectors[n:end] = v
-        self._codes[n:end] = encode(v)
+        self._codes[n:end] = encode(v) if codes is None else codes
         self._labels[n:end] = ids
         self._n = end
         self._max_id = max(self._max_id, int(ids.max()))
@@ -214,6 +216,14 @@ class OwnerIndex:
         """Append rows (one identity id per vector); costs O(rows added), never a full copy
         except on growth (by a quarter; none after a sufficient :meth:`reserve`)."""
         self._append(np.asarray(identity_ids, dtype=np.int64).reshape(-1), normalise(vectors))
+
+    def add_encoded(self, identity_ids: np.ndarray, unit_vectors: np.ndarray,
+                    codes: np.ndarray) -> None:
+        """:meth:`add_many` of vectors already normalised and encoded (:func:`normalise`,
+        :func:`encode`) elsewhere: a rebuild's worker processes do both."""
+        v = np.asarray(unit_vectors, dtype=np.float32).reshape(-1, DIM)
+        self._append(np.asarray(identity_ids, dtype=np.int64).reshape(-1), v,
+                     np.asarray(codes, dtype=np.uint8))
 
     def remove(self, identity_id: int) -> int:
         """Drop the identity's vectors now; returns how many. Scans the ids (~1 ms at 1M);

@@ -14,8 +14,12 @@ ranges itself while the workers start. Each worker is a fresh Python process
 from the same settings, as any idvault command does: no key material is passed to it,
 and it exits when the load is done. It gets its settings and ranges on stdin and
 writes frames on stdout: a JSON head (rows read, then per face model its vector
-count, or an error), then per model the identity ids (int64) and the vectors
-(float32), raw.
+count, or an error), then per model the identity ids (int64), the unit vectors
+(float32) and their binary codes (uint8), raw. A worker normalises and encodes
+(:func:`vault.dedupe_index.normalise`, :func:`~vault.dedupe_index.encode`) what it
+reads, on one BLAS thread, so the calling process only copies rows into the index:
+encoding there took its BLAS threads, which spin after each call, onto the cores
+the workers need (bench/bench_rebuild.py).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from sqlalchemy import Engine, event, func, select
 from vault import codec, crypto, errors
 from vault.config import Settings
 from vault.db import READ_ONLY, make_engine
+from vault.dedupe_index import encode, normalise
 from vault.keyprovider import provider_for
 from vault.keystore import KeyStore
 from vault.models import Artifact, Identity
@@ -49,7 +54,12 @@ PIPE_BYTES = 1 << 20  # Linux's default limit for unprivileged processes
 _HEAD = struct.Struct(">I")
 
 Range = tuple[int | None, int | None]  # identity ids lo <= id < hi; None: open
-Part = tuple[str, np.ndarray, np.ndarray]  # model id, identity id per vector, vectors
+# model id, identity id per vector, vectors, and (from a worker) the unit vectors' codes;
+# None: the vectors as stored, for OwnerIndex.add_many to normalise and encode
+Part = tuple[str, np.ndarray, np.ndarray, np.ndarray | None]
+# A worker's BLAS (numpy's encode) on one thread: the workers already fill the cores.
+ONE_THREAD = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                     "MKL_NUM_THREADS")}
 
 
 def _indexed(owner_id: int) -> tuple:
@@ -122,7 +132,8 @@ class FaceReader:
         parts = []
         for model_id, (ids, payloads) in by_model.items():
             vectors, counts = codec.stack_rows(payloads, kind="face", name="normed")
-            parts.append((model_id, np.repeat(np.asarray(ids, dtype=np.int64), counts), vectors))
+            parts.append((model_id, np.repeat(np.asarray(ids, dtype=np.int64), counts), vectors,
+                          None))
         return len(rows), parts
 
     def map(self, ranges: Iterable[Range]) -> Iterator[tuple[int, list[Part]]]:
@@ -148,7 +159,7 @@ class Workers:
                   "key_provider": settings.key_provider,
                   "key_file": str(settings.resolved_key_file),
                   "vault_id": vault_id, "owner_id": owner_id, "owner": owner}
-        env = dict(os.environ)
+        env = {**os.environ, **ONE_THREAD}
         root = str(Path(__file__).resolve().parents[1])  # where `vault` imports from
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         # -P: nothing from the working directory shadows a module of the worker's
@@ -226,12 +237,13 @@ def _read_frame(proc: subprocess.Popen) -> tuple[int, list[Part]]:
         raise errors.VaultError(f"an index load worker failed: {head['error']}: "
                                 f"{head['message']}")
     parts = []
-    for model_id, count, width in head["parts"]:
+    for model_id, count, width, code_bytes in head["parts"]:
         ids = np.empty(count, dtype=np.int64)
         vectors = np.empty((count, width), dtype=np.float32)
-        _read_into(stream, ids)
-        _read_into(stream, vectors)
-        parts.append((model_id, ids, vectors))
+        codes = np.empty((count, code_bytes), dtype=np.uint8)
+        for a in (ids, vectors, codes):
+            _read_into(stream, a)
+        parts.append((model_id, ids, vectors, codes))
     return head["rows"], parts
 
 
@@ -286,12 +298,17 @@ def _worker(inp: BinaryIO, out: BinaryIO) -> None:
         if task is None:
             return
         try:
-            rows, parts = reader.read(*task)
+            rows, read = reader.read(*task)
+            parts = []
+            for model_id, ids, vectors, _ in read:
+                unit = normalise(vectors)
+                parts.append((model_id, ids, unit, encode(unit)))
         except Exception as exc:  # reported to the parent, which raises it there
             _write_frame(out, {"error": type(exc).__name__, "message": str(exc)})
             return
-        _write_frame(out, {"rows": rows, "parts": [(m, len(i), v.shape[1]) for m, i, v in parts]},
-                     [a for _, i, v in parts for a in (i, v)])
+        _write_frame(out, {"rows": rows, "parts": [(m, len(i), v.shape[1], c.shape[1])
+                                                   for m, i, v, c in parts]},
+                     [a for part in parts for a in part[1:]])
 
 
 if __name__ == "__main__":

@@ -67,13 +67,16 @@ class IndexSync:
         done = 0
         with self._reader(owner_id, owner_name, plan.identities) as reader:
             for k, (rows, parts) in enumerate(reader.map(plan.ranges)):
-                for model_id, ids, vectors in parts:
+                for model_id, ids, vectors, codes in parts:
                     if model_id not in built:
                         # Sized from the first range that has the model, a quarter to
                         # spare: room not yet written is address space, not memory.
                         left = len(plan.ranges) - k
                         built[model_id] = self._fresh(len(vectors) * left * 5 // 4)
-                    built[model_id].add_many(ids, vectors)
+                    if codes is None:  # read here
+                        built[model_id].add_many(ids, vectors)
+                    else:  # a worker normalised and encoded them
+                        built[model_id].add_encoded(ids, vectors, codes)
                 done += rows
                 if progress:
                     progress(done, max(done, plan.identities))

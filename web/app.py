@@ -70,6 +70,9 @@ class WebConfig:
     max_photos: int = 32  # photos per enrollment request
     trust_proxy: bool = False  # IDVAULT_TRUST_PROXY
     run_jobs: bool = True  # start the embedded job worker thread (never with a broker)
+    # Successful lookups by handle answered before Flask (web/api/fast_lookup.py); off,
+    # Flask answers them too, with the same bytes (tests compare the two).
+    fast_lookup: bool = True
     # Modules imported at start so the job kinds they register can run here
     # (e.g. the generator's); IDVAULT_JOB_MODULES, comma-separated.
     job_modules: tuple[str, ...] = ()
@@ -351,14 +354,17 @@ def create_app(config: WebConfig | None = None) -> Flask:
     )
     app.config.update(config.extra)
     app.session_interface = _SessionInterface()
+    state = AppState(config, vault, owns)
+    app.extensions["idvault"] = state
+    if config.fast_lookup:
+        from web.api.fast_lookup import FastLookup
+
+        app.wsgi_app = FastLookup(app.wsgi_app, state, app)  # type: ignore[method-assign]
     app.wsgi_app = _SecurityHeaders(app.wsgi_app)  # type: ignore[method-assign]
     if config.trust_proxy:  # outermost: the headers then see the request's own scheme
         from werkzeug.middleware.proxy_fix import ProxyFix
 
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore
-
-    state = AppState(config, vault, owns)
-    app.extensions["idvault"] = state
 
     web_errors.register(app)
     app.before_request(password_change_gate)

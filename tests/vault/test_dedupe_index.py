@@ -11,7 +11,15 @@ import sys
 import numpy as np
 import pytest
 
-from vault.dedupe_index import CODE_BITS, DIM, DedupeIndex, OwnerIndex, encode, projection
+from vault.dedupe_index import (
+    CODE_BITS,
+    DIM,
+    DedupeIndex,
+    OwnerIndex,
+    encode,
+    normalise,
+    projection,
+)
 
 # float32 inner products of 512-d unit vectors: faiss, BLAS and a float64 check sum the
 # products in different orders; their differences stay near 1e-7, far inside this.
@@ -243,6 +251,26 @@ def test_codes_are_derived_alike_by_every_process():
     projected = v.astype(np.float64) @ p.astype(np.float64)
     clear = np.abs(projected) > 1e-4  # away from rounding of zero
     assert np.array_equal(bits[clear], (projected > 0)[clear])
+
+
+def test_vectors_encoded_elsewhere_are_stored_as_given():
+    """``add_encoded`` (a rebuild's workers normalise and encode) stores exactly what
+    ``add_many`` computes from the same rows, and searches alike."""
+    rng = np.random.default_rng(12)
+    raw = rng.standard_normal((3000, DIM)).astype(np.float32)
+    unit = normalise(raw)
+    a, b = OwnerIndex(), OwnerIndex()
+    a.add_many(np.arange(3000), raw)
+    b.add_encoded(np.arange(3000), unit, encode(unit))
+    for x, y in ((a._vectors, b._vectors), (a._codes, b._codes), (a._labels, b._labels)):
+        assert np.array_equal(x[:3000], y[:3000])
+    assert not b.exact and b.search(raw[17], k=3) == a.search(raw[17], k=3)
+    assert b.search(raw[17], k=1) == [(17, pytest.approx(1.0, abs=TOL))]
+    with pytest.raises(ValueError, match="codes of shape"):
+        b.add_encoded([1, 2], unit[:2], encode(unit[:3]))
+    with pytest.raises(ValueError, match="codes of shape"):
+        b.add_encoded([1, 2], unit[:2], encode(unit[:2])[:, :16])
+    assert len(b) == 3000
 
 
 def test_reserve_then_batches_never_reallocate_and_growth_is_modest():

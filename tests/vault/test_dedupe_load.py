@@ -10,6 +10,7 @@ from sqlalchemy import select, update
 
 from tests.helpers import consent, face_payload
 from vault import dedupe_load, dedupe_sync
+from vault.dedupe_index import CODE_BITS, normalise, projection
 from vault.dedupe_load import FaceReader, Workers
 from vault.errors import DecryptionError
 from vault.models import Artifact, Identity, Owner
@@ -100,7 +101,7 @@ def _flatten(results) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     ids: dict[str, list] = {}
     vecs: dict[str, list] = {}
     for _, parts in results:
-        for model_id, i, v in parts:
+        for model_id, i, v, _ in parts:
             ids.setdefault(model_id, []).append(i)
             vecs.setdefault(model_id, []).append(v)
     return {m: (np.concatenate(ids[m]), np.concatenate(vecs[m])) for m in ids}
@@ -124,9 +125,18 @@ def test_workers_read_exactly_what_this_process_reads(roster, settings) -> None:
     assert [rows for rows, _ in here] == [rows for rows, _ in there]
     assert sum(rows for rows, _ in here) == 15  # 11 + 4 face artifacts
     for a, b in zip(here, there, strict=True):
-        assert [m for m, _, _ in a[1]] == [m for m, _, _ in b[1]]
-        for (_, ids_a, v_a), (_, ids_b, v_b) in zip(a[1], b[1], strict=True):
-            assert np.array_equal(ids_a, ids_b) and np.array_equal(v_a, v_b)
+        assert [m for m, *_ in a[1]] == [m for m, *_ in b[1]]
+        for (_, ids_a, v_a, none), (_, ids_b, unit, codes) in zip(a[1], b[1], strict=True):
+            # here: the vectors as stored, for the index to normalise and encode; from a
+            # worker: normalised (the same numpy operations: equal bits) and encoded
+            assert none is None
+            assert np.array_equal(ids_a, ids_b) and np.array_equal(normalise(v_a), unit)
+            assert codes.shape == (len(unit), CODE_BITS // 8) and codes.dtype == np.uint8
+            # Each bit is a projection's sign, computed on the worker's BLAS (one thread);
+            # in float64 here, only a projection within rounding of 0 may come out other.
+            p64 = unit.astype(np.float64) @ projection().astype(np.float64)
+            differ = np.unpackbits(codes, axis=1).astype(bool) != (p64 > 0)
+            assert np.all(np.abs(p64[differ]) < 1e-5)
     assert all(p.returncode == 0 for p in procs)  # they exit with the load
     flat = _flatten(here)
     for model_id in ("buffalo_l", "antelopev2"):
@@ -273,5 +283,5 @@ def test_workers_left_without_work_are_stopped(roster, settings) -> None:
     first = _ranges(roster, owner, batch=3).ranges[:1]
     with Workers(2, settings, str(roster.vault_id), owner, "smiths", here) as workers:
         (rows, parts), = workers.map(first)  # read here, long before they start
-    assert rows == 4 and sorted(m for m, _, _ in parts) == ["antelopev2", "buffalo_l"]
+    assert rows == 4 and sorted(m for m, *_ in parts) == ["antelopev2", "buffalo_l"]
     assert all(p.returncode is not None for p in workers.procs)  # none left running
