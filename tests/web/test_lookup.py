@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import datetime as dt
 
-import numpy as np
 import pytest
 from sqlalchemy import select
 
-from tests.helpers import basis_payload, consent, face_payload
+from tests.helpers import consent
+from tests.web.web_fixtures import lookup_roster
 from vault import api_keys
-from vault.models import ApiKey, Identity
+from vault.models import ApiKey
 from vault.vault import Vault
 
 BOTH = pytest.mark.parametrize("backend", ["sqlite", pytest.param(
@@ -25,19 +25,7 @@ def get(web, handle: str, headers: dict, suffix: str = ""):
 @BOTH
 def test_lookups_answer_the_orm_document(web):
     v = web.vault
-    v.create_identity("smiths/ana", consent(), actor="t")
-    v.put_artifact("smiths/ana", "face", face_payload(seed=1), actor="t")
-    v.put_artifact("smiths/ana", "celeb_basis",
-                   basis_payload(np.random.default_rng(0).normal(size=(2, 512))), actor="t")
-    v.create_identity("smiths/ben", consent(given_by="self", guardian_name=None), actor="t")
-    v.create_identity("smiths/held", consent(), actor="t")
-    with v.session() as s:  # held without a review: resealed, as idvault would
-        held = s.scalar(select(Identity).where(Identity.name == "held"))
-        held.status = "held"
-        v._reseal(s, held)
-    v.create_identity("northlight/sol", consent(), actor="t")
-    v.put_artifact("northlight/sol", "face", face_payload(seed=2), actor="t")
-    v.withdraw_consent("northlight/sol", reason="no more", actor="t")
+    lookup_roster(v)
     for handle in ("smiths/ana", "smiths/ben", "smiths/held", "northlight/sol"):
         h = web.headers(handle.split("/")[0], "identities:read")
         resp = get(web, handle, h)

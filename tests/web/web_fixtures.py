@@ -26,6 +26,7 @@ __all__ = [
     "Web",
     "cheap_passwords",
     "gen_web",
+    "lookup_roster",
     "photo_bytes",
     "web",
 ]
@@ -138,3 +139,28 @@ def gen_web(family: Vault, gen_models) -> Web:
                                secret_key=SECRET))
     yield Web(app, family)
     app.extensions["idvault"].close()
+
+
+def lookup_roster(v: Vault) -> None:
+    """Identities a lookup by handle can find in each state: ``smiths/ana`` with a face
+    and a Celeb Basis artifact, ``smiths/ben`` (consent given by himself),
+    ``smiths/held`` held for review, ``northlight/sol`` withdrawn and kept."""
+    import numpy as np
+    from sqlalchemy import select
+
+    from tests.helpers import basis_payload, consent, face_payload
+    from vault.models import Identity
+
+    v.create_identity("smiths/ana", consent(), actor="t")
+    v.put_artifact("smiths/ana", "face", face_payload(seed=1), actor="t")
+    v.put_artifact("smiths/ana", "celeb_basis",
+                   basis_payload(np.random.default_rng(0).normal(size=(2, 512))), actor="t")
+    v.create_identity("smiths/ben", consent(given_by="self", guardian_name=None), actor="t")
+    v.create_identity("smiths/held", consent(), actor="t")
+    with v.session() as s:  # held without a review: resealed, as idvault would
+        held = s.scalar(select(Identity).where(Identity.name == "held"))
+        held.status = "held"
+        v._reseal(s, held)
+    v.create_identity("northlight/sol", consent(), actor="t")
+    v.put_artifact("northlight/sol", "face", face_payload(seed=2), actor="t")
+    v.withdraw_consent("northlight/sol", reason="no more", actor="t")  # retained

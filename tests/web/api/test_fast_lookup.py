@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import datetime as dt
 
-import numpy as np
 import pytest
 from flask import request_started
 from sqlalchemy import select
 
-from tests.helpers import basis_payload, consent, face_payload
-from tests.web.web_fixtures import SECRET
+from tests.helpers import consent
+from tests.web.web_fixtures import SECRET, lookup_roster
 from vault import api_keys
-from vault.models import ApiKey, Identity
+from vault.models import ApiKey
 from vault.vault import Vault
 from web.api import identities as identities_api
 from web.api.fast_lookup import PATH
@@ -43,19 +42,7 @@ class Counted:
 def fixtures(web) -> dict[str, dict]:
     """Identities in several states, and the headers of keys in several states."""
     v = web.vault
-    v.create_identity("smiths/ana", consent(), actor="t")
-    v.put_artifact("smiths/ana", "face", face_payload(seed=1), actor="t")
-    v.put_artifact("smiths/ana", "celeb_basis",
-                   basis_payload(np.random.default_rng(0).normal(size=(2, 512))), actor="t")
-    v.create_identity("smiths/ben", consent(given_by="self", guardian_name=None), actor="t")
-    v.create_identity("smiths/held", consent(), actor="t")
-    with v.session() as s:
-        held = s.scalar(select(Identity).where(Identity.name == "held"))
-        held.status = "held"
-        v._reseal(s, held)
-    v.create_identity("northlight/sol", consent(), actor="t")
-    v.put_artifact("northlight/sol", "face", face_payload(seed=2), actor="t")
-    v.withdraw_consent("northlight/sol", reason="no more", actor="t")  # retained
+    lookup_roster(v)
     keys = {"read": web.headers("smiths", "identities:read"),
             "all": web.headers("smiths"),
             "north": web.headers("northlight", "identities:read"),
