@@ -16,7 +16,7 @@ from vault import api_keys
 from vault.models import ApiKey
 from vault.vault import Vault
 from web.api import identities as identities_api
-from web.api.fast_lookup import PATH
+from web.api.fast_lookup import PATH, SCOPE
 from web.app import WebConfig, create_app
 
 BOTH = pytest.mark.parametrize("backend", ["sqlite", pytest.param(
@@ -194,6 +194,8 @@ def test_the_pattern_is_the_lookup_route_only(web):
     endpoint, args = adapter.match("/v1/identities/smiths/ana", method="GET")
     assert web.app.view_functions[endpoint] is identities_api.get_identity
     assert args == {"owner": "smiths", "name": "ana"}
+    doc = web.client.get("/v1/openapi.json").get_json()
+    assert doc["paths"]["/v1/identities/{owner}/{name}"]["get"]["x-scope"] == SCOPE
     for rule in web.app.url_map.iter_rules():
         if "GET" in rule.methods and rule.endpoint != endpoint:
             sample = rule.rule.replace("<owner>", "smiths").replace("<name>", "ana")
