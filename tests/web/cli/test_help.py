@@ -8,22 +8,12 @@ which ``web.cli.common.Group`` prints after the options.
 
 from __future__ import annotations
 
-import click
 import pytest
 from click.testing import CliRunner
 
+from tests.web.test_docs import COMMANDS  # every command of the click tree, by name
 from web.cli.common import EXAMPLE_HEADINGS, example_last
 from web.cli.main import cli
-
-
-def walk(cmd: click.Command, path: tuple[str, ...] = ("idvault",)):
-    yield " ".join(path), cmd
-    if isinstance(cmd, click.Group):
-        for name, sub in cmd.commands.items():
-            yield from walk(sub, (*path, name))
-
-
-COMMANDS = dict(walk(cli))
 
 
 def closing_paragraph(text: str) -> list[str]:
